@@ -1,0 +1,227 @@
+"""Variance-preserving diffusion math in guided-diffusion's conventions: pure functions over tensors.
+
+A `Schedule` is a (possibly respaced) chain of S steps. Step index ``i`` (0..S-1) runs the chain;
+``schedule.timesteps[i]`` is the timestep of the original T-step schedule that the network sees.
+Every function is batched over ``i`` (a LongTensor of shape (B,)) and broadcasts over NCHW.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Schedule",
+    "at_step",
+    "linear_betas",
+    "cosine_betas",
+    "space_timesteps",
+    "tweedie_x0",
+    "eps_from_x0",
+    "q_sample",
+    "q_posterior",
+    "model_log_variance",
+    "ddpm_step",
+    "ddim_step",
+]
+
+
+def linear_betas(num_timesteps: int = 1000) -> Tensor:
+    """guided-diffusion's linear schedule: 1e-4..0.02 at T=1000, scaled by 1000/T otherwise."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal's cosine schedule, betas clipped at `max_beta`."""
+
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def space_timesteps(num_timesteps: int, spec: str | int | list[int]) -> list[int]:
+    """The kept timesteps, as guided-diffusion's `space_timesteps` chooses them.
+
+    `spec` is "ddimN" (an even stride giving exactly N steps), "N" (N steps evenly spread), or
+    "a,b,c" (the range split into equal sections, a steps in the first, b in the second, ...).
+    """
+    if isinstance(spec, str) and spec.startswith("ddim"):
+        wanted = int(spec[len("ddim") :])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == wanted:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot make {wanted} DDIM steps with an integer stride out of {num_timesteps}")
+    if isinstance(spec, int):
+        counts = [spec]
+    elif isinstance(spec, str):
+        counts = [int(c) for c in spec.split(",")]
+    else:
+        counts = list(spec)
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, kept = 0, []
+    for k, count in enumerate(counts):
+        size = size_per + (1 if k < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot take {count} steps out of a section of {size} timesteps")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        kept += [start + round(stride * j) for j in range(count)]
+        start += size
+    return sorted(set(kept))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A diffusion chain: its betas (float64, shape (S,)) and the original timestep of each step."""
+
+    betas: Tensor
+    timesteps: Tensor
+    num_train_timesteps: int
+
+    @classmethod
+    def from_betas(cls, betas: Tensor) -> Schedule:
+        betas = betas.to(torch.float64)
+        return cls(betas, torch.arange(len(betas)), len(betas))
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000) -> Schedule:
+        return cls.from_betas(linear_betas(num_timesteps))
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000) -> Schedule:
+        return cls.from_betas(cosine_betas(num_timesteps))
+
+    @classmethod
+    def named(cls, name: str, num_timesteps: int = 1000) -> Schedule:
+        if name not in ("linear", "cosine"):
+            raise ValueError(f"unknown beta schedule {name!r}: expected 'linear' or 'cosine'")
+        return cls.linear(num_timesteps) if name == "linear" else cls.cosine(num_timesteps)
+
+    def respace(self, spec: str | int | list[int] | None) -> Schedule:
+        """Keep a subset of the steps; betas recomputed so that abar is unchanged on them."""
+        if spec is None or spec == "" or spec == len(self):
+            return self
+        keep = space_timesteps(len(self), spec)
+        abar = self.alphas_cumprod[keep]
+        prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        return Schedule(1 - abar / prev, self.timesteps[keep], self.num_train_timesteps)
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alphas(self) -> Tensor:
+        return 1 - self.betas
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return torch.cumprod(self.alphas, 0)
+
+    @property
+    def alphas_cumprod_prev(self) -> Tensor:
+        abar = self.alphas_cumprod
+        return torch.cat([abar.new_ones(1), abar[:-1]])
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """Var q(x_{i-1} | x_i, x0) = beta_i (1 - abar_{i-1}) / (1 - abar_i)."""
+        return self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+
+    @property
+    def posterior_log_variance_clipped(self) -> Tensor:
+        """log of the posterior variance with its first entry (0) replaced by the second."""
+        var = self.posterior_variance
+        return torch.log(torch.cat([var[1:2], var[1:]]))
+
+
+def at_step(values: Tensor, i: Tensor, like: Tensor) -> Tensor:
+    """values[i] shaped (B, 1, ..., 1) to broadcast against `like`, in its dtype and device."""
+    out = values.to(like.device)[i.to(like.device)].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def tweedie_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor, clip: bool = True) -> Tensor:
+    """E[x0 | x_t] = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to [-1, 1] if `clip`."""
+    x0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    return x0.clamp(-1, 1) if clip else x0
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, abar_t: Tensor) -> Tensor:
+    """The noise that maps x0 to x_t: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+    return (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+
+
+def q_sample(schedule: Schedule, i: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) noise."""
+    abar = at_step(schedule.alphas_cumprod, i, x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def q_posterior(schedule: Schedule, i: Tensor, x0: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of q(x_{i-1} | x_i, x0)."""
+    abar = at_step(schedule.alphas_cumprod, i, x_t)
+    abar_prev = at_step(schedule.alphas_cumprod_prev, i, x_t)
+    beta = at_step(schedule.betas, i, x_t)
+    coef_x0 = beta * abar_prev.sqrt() / (1 - abar)
+    coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
+    return coef_x0 * x0 + coef_xt * x_t, at_step(schedule.posterior_variance, i, x_t)
+
+
+def model_log_variance(
+    schedule: Schedule, i: Tensor, like: Tensor, kind: str = "fixed_small", values: Tensor | None = None
+) -> Tensor:
+    """log sigma_i^2 of the reverse step.
+
+    kind: "fixed_small" (the posterior variance, clipped at i=0), "fixed_large" (beta_i, with the
+    posterior variance at i=0), or "learned_range" (`values` in [-1, 1] interpolate between the two
+    in log space, as the guided-diffusion checkpoints with learned sigma do).
+    """
+    small = at_step(schedule.posterior_log_variance_clipped, i, like)
+    if kind == "fixed_small":
+        return small.expand_as(like)
+    large_var = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
+    if kind == "fixed_large":
+        return at_step(large_var.log(), i, like).expand_as(like)
+    if kind == "learned_range":
+        if values is None:
+            raise ValueError("learned_range variance needs the network's variance channels")
+        frac = (values + 1) / 2
+        return frac * at_step(schedule.betas.log(), i, like) + (1 - frac) * small
+    raise ValueError(f"unknown variance kind {kind!r}: fixed_small, fixed_large or learned_range")
+
+
+def _not_last(i: Tensor, like: Tensor) -> Tensor:
+    return (i != 0).to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def ddpm_step(
+    schedule: Schedule, i: Tensor, x_t: Tensor, x0: Tensor, noise: Tensor, log_variance: Tensor | None = None
+) -> Tensor:
+    """Ancestral step: the posterior mean of q(x_{i-1} | x_i, x0) + sigma_i z, no noise at i = 0."""
+    mean, var = q_posterior(schedule, i, x0, x_t)
+    std = (0.5 * log_variance).exp() if log_variance is not None else var.sqrt()
+    return mean + _not_last(i, x_t) * std * noise
+
+
+def ddim_step(
+    schedule: Schedule, i: Tensor, x_t: Tensor, x0: Tensor, eta: float = 0.0, noise: Tensor | None = None
+) -> Tensor:
+    """DDIM step with epshat recomputed from (x_t, x0); eta = 1 gives the DDPM posterior variance."""
+    abar = at_step(schedule.alphas_cumprod, i, x_t)
+    abar_prev = at_step(schedule.alphas_cumprod_prev, i, x_t)
+    eps = eps_from_x0(x_t, x0, abar)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    out = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp_min(0).sqrt() * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise")
+        out = out + _not_last(i, x_t) * sigma * noise
+    return out

@@ -1,0 +1,122 @@
+"""Measurement noise: simulation, and the likelihood terms that guidance uses.
+
+Images and measurements are on the [-1, 1] scale. Each noise model gives DPG its residual energy
+(squared L2 for Gaussian, L1 for Poisson), its temperature Z and its policy width r
+(spec, steps 1 and 2), and DPS its data-fidelity term.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseModel", "Gaussian", "Poisson", "Noiseless"]
+
+
+def _flat(x: Tensor, keep: int) -> Tensor:
+    return x.reshape(*x.shape[:keep], -1)
+
+
+class NoiseModel(ABC):
+    """y = noise(A(x)). Energies reduce over all but the leading `batch_dims` dimensions."""
+
+    @abstractmethod
+    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+        """Noisy measurement of `ax` (B, ...), item b drawn from generators[b] (CPU generators)."""
+
+    @abstractmethod
+    def energy(self, y: Tensor, ax: Tensor, batch_dims: int = 1) -> Tensor:
+        """DPG's residual energy per sample: ||y - ax||^2 (Gaussian) or ||y - ax||_1 (Poisson)."""
+
+    @abstractmethod
+    def temperature(self, z_raw: Tensor, z_prev: Tensor | None) -> Tensor:
+        """Z from this step's energy of x0hat and the previous Z (None at the first step)."""
+
+    @abstractmethod
+    def width(self, z: Tensor, znorm: float, r_min: float) -> Tensor:
+        """The policy's standard deviation r from the temperature Z."""
+
+    @property
+    def reward_shift_uses_z_raw(self) -> bool:
+        """Whether log-rewards are -(E_i - Z_raw) / Z (Gaussian) rather than -E_i / Z."""
+        return False
+
+    def fidelity(self, y: Tensor, ax: Tensor) -> Tensor:
+        """DPS's data term per image (B,): ||y - A(x0hat)||_2, as the DPS code uses for both."""
+        return _flat(y - ax, 1).norm(dim=-1)
+
+
+class Gaussian(NoiseModel):
+    """Additive white Gaussian noise of std `sigma` on the [-1, 1] scale (paper: 0.05)."""
+
+    def __init__(self, sigma: float = 0.05) -> None:
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def __repr__(self) -> str:
+        return f"Gaussian(sigma={self.sigma})"
+
+    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+        _check_generators(ax, generators)
+        z = torch.stack([torch.randn(ax.shape[1:], generator=g) for g in generators])
+        return ax + self.sigma * z.to(ax.device, ax.dtype)
+
+    def energy(self, y: Tensor, ax: Tensor, batch_dims: int = 1) -> Tensor:
+        return _flat(y - ax, batch_dims).square().sum(-1)
+
+    def temperature(self, z_raw: Tensor, z_prev: Tensor | None) -> Tensor:
+        return z_raw if z_prev is None else 0.9 * z_prev + 0.1 * z_raw
+
+    def width(self, z: Tensor, znorm: float, r_min: float) -> Tensor:
+        return ((z / znorm).sqrt() / 2).clamp_min(r_min)
+
+    @property
+    def reward_shift_uses_z_raw(self) -> bool:
+        return True
+
+
+class Poisson(NoiseModel):
+    """Poisson noise of rate `rate` (paper: 1.0): y01 = Poisson(255 rate x01) / (255 rate)."""
+
+    def __init__(self, rate: float = 1.0) -> None:
+        if rate <= 0:
+            raise ValueError(f"rate must be > 0, got {rate}")
+        self.rate = float(rate)
+
+    def __repr__(self) -> str:
+        return f"Poisson(rate={self.rate})"
+
+    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+        _check_generators(ax, generators)
+        scale = 255.0 * self.rate
+        x01 = ((ax.detach().cpu().float() + 1) / 2).clamp(0, 1)
+        counts = torch.stack([torch.poisson(x01[b] * scale, generator=g) for b, g in enumerate(generators)])
+        return ((counts / scale) * 2 - 1).clamp(-1, 1).to(ax.device, ax.dtype)
+
+    def energy(self, y: Tensor, ax: Tensor, batch_dims: int = 1) -> Tensor:
+        return _flat(y - ax, batch_dims).abs().sum(-1)
+
+    def temperature(self, z_raw: Tensor, z_prev: Tensor | None) -> Tensor:
+        return z_raw
+
+    def width(self, z: Tensor, znorm: float, r_min: float) -> Tensor:
+        return (z / znorm).clamp_min(r_min)
+
+
+class Noiseless(Gaussian):
+    """No noise: y = A(x). Guidance uses the Gaussian terms."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+    def __repr__(self) -> str:
+        return "Noiseless()"
+
+
+def _check_generators(ax: Tensor, generators: Sequence[torch.Generator]) -> None:
+    if len(generators) != ax.shape[0]:
+        raise ValueError(f"expected one generator per item ({ax.shape[0]}), got {len(generators)}")

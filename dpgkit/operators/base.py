@@ -1,0 +1,111 @@
+"""The operator interface: forward models A acting on NCHW batches in [-1, 1].
+
+A *template* operator may be random (a box mask at a random place, a motion kernel): `draw`
+turns it into a fixed operator, one draw per item from that item's seed. A fixed operator's
+tensors have a leading dimension of the batch size B (one per item) or 1 (shared); `item(b)`
+gives item b's operator, which applies to any number of images at once (the Monte Carlo states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox"]
+
+
+class Operator(nn.Module):
+    """A forward model. Subclasses implement `forward`; random ones `random = True` and `draw`."""
+
+    is_linear: bool = False
+    differentiable: bool = True
+    random: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def draw(self, seeds: Sequence[int], image_shape: Sequence[int]) -> Operator:
+        """A fixed operator for len(seeds) items (item b's randomness from seeds[b]); fixed ones return self."""
+        return self
+
+    def item(self, b: int) -> Operator:
+        """Item b's operator; operators whose tensors are shared across items return self."""
+        return self
+
+    @property
+    def batch_size(self) -> int | None:
+        """How many items a drawn operator holds (None: shared by any number)."""
+        return None
+
+
+class LinearOperator(Operator):
+    """A linear A with its adjoint A^T; `svd()` where SVD-based methods (DDRM, DDNM) need it."""
+
+    is_linear = True
+
+    def adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def svd(self) -> SVDView:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no SVD view; DDRM and DDNM need one "
+            "(inpainting, average-pool super-resolution, colorization, denoising and blur have it)"
+        )
+
+
+class SVDView:
+    """A = U diag(s) V^T, as DDRM's H_functions. Vectors are flattened per image: (B, D) or (B, M).
+
+    `singulars()` has shape (R,) or (B, R) with R <= min(M, D); `vt(x)` (B, D) -> (B, D) in the
+    spectral basis, the first R entries paired with the singular values; `v`, `u`, `ut` likewise.
+    """
+
+    def singulars(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def v(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def vt(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def u(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def ut(self, y: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def apply(self, x: Tensor) -> Tensor:
+        """A x through the factors: U (s * (V^T x)[:R])."""
+        s = self.singulars()
+        z = self.vt(x)[:, : s.shape[-1]] * s
+        return self.u(z)
+
+
+class BlackBox(Operator):
+    """Any function as an operator that is never differentiated (numpy, PIL, a simulator).
+
+    `fn` takes one image (C, H, W) as a float32 numpy array in [-1, 1] (``numpy=True``) or a
+    tensor, and returns the measurement of that image. DPG works with it; DPS refuses it.
+    """
+
+    differentiable = False
+
+    def __init__(self, fn, linear: bool = False, numpy: bool = True) -> None:
+        super().__init__()
+        self.fn = fn
+        self.is_linear = linear
+        self.numpy = numpy
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = []
+        with torch.no_grad():
+            for img in x.detach():
+                if self.numpy:
+                    out = torch.as_tensor(self.fn(img.float().cpu().numpy()))
+                else:
+                    out = torch.as_tensor(self.fn(img))
+                outs.append(out.to(device=x.device, dtype=x.dtype))
+        return torch.stack(outs)
