@@ -72,9 +72,18 @@ def space_timesteps(num_timesteps: int, spec: str | int | list[int]) -> list[int
         size = size_per + (1 if k < extra else 0)
         if size < count:
             raise ValueError(f"cannot take {count} steps out of a section of {size} timesteps")
+        if count < 0:
+            raise ValueError(f"section step counts must be >= 0, got {count} in {spec!r}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(stride * j) for j in range(count)]
+        # Accumulate the fractional stride (not stride * j): guided-diffusion does, and the two
+        # round differently at .5 ties (e.g. 21 steps of 1000 keep 499, not 500).
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
+    if not kept:
+        raise ValueError(f"respacing {spec!r} keeps no timesteps out of {num_timesteps}")
     return sorted(set(kept))
 
 
