@@ -1,0 +1,92 @@
+"""The DPG direction in torch (spec, steps 3 to 6): the definition the fused kernels must match.
+
+For one image with Tweedie estimate x0hat, measurement y, policy width r and temperature Z:
+
+    x0_i = x0hat + r eps_i                 eps_i = philox_normal(seed)[i], i = 1..N
+    log p_i = -(E(y, A x0_i) - shift) / Z  E = ||.||^2 (Gaussian, shift = Z_raw) or ||.||_1 (Poisson)
+    w_i = p_i - (sum_j p_j - p_i) / (N - 1)
+    v = -(1 / (N r)) sum_i w_i eps_i
+
+To keep exp in range whatever the residuals, the rewards are taken relative to their maximum m:
+the functions return (v_unit, m) with v = exp(m) v_unit, so the published scale is kept exactly
+(it matters under momentum) and nothing overflows.
+
+`eager` holds the N x D noise at once (the readable reference); `chunked` streams it in chunks and
+regenerates each chunk in a second pass (memory O(chunk x D)). Both draw the same noise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .philox import philox_normal
+
+__all__ = ["log_rewards", "loo_weights", "direction_from_energies", "dpg_direction_eager",
+           "dpg_direction_chunked"]
+
+
+def log_rewards(energies: Tensor, z: Tensor, shift: Tensor) -> Tensor:
+    """log p_i = -(E_i - shift) / Z in float64, energies (N,)."""
+    return -(energies.double() - shift.double()) / z.double().clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def loo_weights(log_p: Tensor) -> tuple[Tensor, Tensor]:
+    """Leave-one-out weights relative to the largest reward: (w_i / exp(m), m), float64."""
+    n = log_p.shape[0]
+    if n < 2:
+        raise ValueError(f"DPG needs at least 2 Monte Carlo samples for its baseline, got {n}")
+    m = log_p.max()
+    p = torch.exp(log_p - m)
+    return p - (p.sum() - p) / (n - 1), m
+
+
+def direction_from_energies(energies: Tensor, z: Tensor, z_raw: Tensor, gaussian_shift: bool) -> tuple[Tensor, Tensor]:
+    """Per-sample weights already divided by N, and m: v_unit = -(1/r) sum_i weights_i eps_i."""
+    shift = z_raw if gaussian_shift else torch.zeros_like(z_raw)
+    w, m = loo_weights(log_rewards(energies, z, shift))
+    return w / energies.shape[0], m
+
+
+def _energies(x0hat: Tensor, y: Tensor, operator, noise, r: float, eps: Tensor) -> Tensor:
+    states = x0hat.unsqueeze(0) + r * eps.view(-1, *x0hat.shape).to(x0hat.dtype)
+    return noise.energy(y.unsqueeze(0), operator(states))
+
+
+def dpg_direction_eager(
+    x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
+    num_samples: int, seed: int,
+) -> tuple[Tensor, Tensor]:
+    """One image: x0hat (C, H, W), y its measurement (no batch dim), operator item-level.
+
+    Returns (v_unit (C, H, W) float32, m (float64 scalar)) with v = exp(m) v_unit.
+    """
+    with torch.no_grad():
+        eps = philox_normal(seed, 0, num_samples, x0hat.numel(), x0hat.device)
+        rr = float(r)
+        energies = _energies(x0hat, y, operator, noise, rr, eps)
+        w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
+        v = -(w.to(eps.dtype) @ eps) / rr
+        return v.view_as(x0hat), m
+
+
+def dpg_direction_chunked(
+    x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
+    num_samples: int, seed: int, chunk_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """As `dpg_direction_eager`, holding at most `chunk_size` x D noise at a time."""
+    with torch.no_grad():
+        d, rr = x0hat.numel(), float(r)
+        starts = range(0, num_samples, chunk_size)
+        energies = torch.cat([
+            _energies(x0hat, y, operator, noise, rr,
+                      philox_normal(seed, s, min(chunk_size, num_samples - s), d, x0hat.device))
+            for s in starts
+        ])
+        w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
+        w = w.to(torch.float32)
+        v = torch.zeros(d, device=x0hat.device, dtype=torch.float32)
+        for s in starts:
+            n = min(chunk_size, num_samples - s)
+            v += w[s : s + n] @ philox_normal(seed, s, n, d, x0hat.device)
+        return (-v / rr).view_as(x0hat).to(x0hat.dtype), m
