@@ -66,8 +66,8 @@ def dpg_direction_eager(
         rr = float(r)
         energies = _energies(x0hat, y, operator, noise, rr, eps)
         w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
-        v = -(w.to(eps.dtype) @ eps) / rr
-        return v.view_as(x0hat), m
+        v = -(w @ eps.double()) / rr
+        return v.view_as(x0hat).to(x0hat.dtype), m
 
 
 def dpg_direction_chunked(
@@ -84,9 +84,9 @@ def dpg_direction_chunked(
             for s in starts
         ])
         w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
-        w = w.to(torch.float32)
-        v = torch.zeros(d, device=x0hat.device, dtype=torch.float32)
+        # float64 accumulation: the sum does not depend on how the samples are chunked
+        v = torch.zeros(d, device=x0hat.device, dtype=torch.float64)
         for s in starts:
             n = min(chunk_size, num_samples - s)
-            v += w[s : s + n] @ philox_normal(seed, s, n, d, x0hat.device)
+            v += w[s : s + n] @ philox_normal(seed, s, n, d, x0hat.device).double()
         return (-v / rr).view_as(x0hat).to(x0hat.dtype), m

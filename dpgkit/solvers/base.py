@@ -84,6 +84,7 @@ class ReverseChain:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.name = name
         self.alive = torch.ones(self.batch, dtype=torch.bool, device=self.device)
+        self.last_x0: Tensor | None = None
 
     def initial_state(self) -> Tensor:
         return randn_per_item(self.model.image_shape, self.seed, self.indices, "x_T",
@@ -133,6 +134,16 @@ class ReverseChain:
         self.alive &= finite
         keep = (~self.alive).view(-1, *([1] * (x_next.dim() - 1)))
         return torch.where(keep, x_keep, x_next)
+
+    def remember(self, x0hat: Tensor) -> None:
+        """Keep each live item's latest finite x0hat: what a stopped item returns."""
+        ok = (self.alive & torch.isfinite(x0hat.flatten(1)).all(1)).view(-1, *([1] * (x0hat.dim() - 1)))
+        self.last_x0 = torch.where(ok, x0hat, x0hat.new_zeros(()) if self.last_x0 is None else self.last_x0)
+
+    def result(self, x: Tensor) -> Tensor:
+        """The final sample in [-1, 1]; stopped items get their last finite estimate."""
+        alive = self.alive.view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(alive, x.detach().clamp(-1, 1), self.last_x0)
 
     def residual(self, y: Tensor, x0hat: Tensor) -> Tensor:
         with torch.no_grad():

@@ -82,7 +82,6 @@ class DPG(Solver):
         noise, operator = task.noise, task.operator
         znorm = float(self.znorm) if self.znorm is not None else float(torch.Size(model.image_shape).numel())
         x = chain.initial_state()
-        last_x0 = torch.zeros_like(x)
         z_prev: Tensor | None = None
         g_prev: tuple[Tensor, Tensor] | None = None  # (g_unit, log scale): g = exp(log scale) g_unit
 
@@ -109,11 +108,11 @@ class DPG(Solver):
                 beta = chain.schedule.betas[i].to(x_prev)
                 eta = dpg_eta(beta, chain.schedule.alphas_cumprod[i].to(x_prev), i, self.sampler)
                 x_next = x_prev - self.scale * eta * g_hat
-                last_x0 = torch.where(chain.alive.view(-1, 1, 1, 1), x0, last_x0)
+                chain.remember(x0)
                 if callback is not None:
                     callback(StepInfo(step, t, x.detach(), x0, chain.residual(y, x0)))
                 x = chain.guard(step, t, x_next, x.detach())
-        return torch.where(chain.alive.view(-1, 1, 1, 1), x.detach().clamp(-1, 1), last_x0)
+        return chain.result(x)
 
     def _momentum(self, g_unit: Tensor, log_scale: Tensor, g_prev, t: int, model: DiffusionModel):
         """g~ = c g_prev + (1 - c) g on the published scale, combined in log space; returns g~/||g~||."""

@@ -47,7 +47,6 @@ class DPS(Solver):
         require_differentiable(task, "DPS")
         chain = ReverseChain(model, y, task, self.sampler, self.steps, seed, indices, progress, "DPS")
         x = chain.initial_state()
-        last_x0 = torch.zeros_like(x)
         for step, _i, i_vec, t_vec in chain.steps():
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -58,8 +57,8 @@ class DPS(Solver):
             with torch.no_grad():
                 x0 = x0hat.detach()
                 x_next = chain.unguided_step(step, i_vec, x.detach(), x0, log_var) - self.scale * grad
-                last_x0 = torch.where(chain.alive.view(-1, 1, 1, 1), x0, last_x0)
+                chain.remember(x0)
                 if callback is not None:
                     callback(StepInfo(step, int(t_vec[0]), x.detach(), x0, fidelity.detach()))
                 x = chain.guard(step, int(t_vec[0]), x_next, x.detach())
-        return torch.where(chain.alive.view(-1, 1, 1, 1), x.detach().clamp(-1, 1), last_x0)
+        return chain.result(x)
