@@ -1,5 +1,19 @@
 """Forward models A (dpgkit "physics")."""
 
 from .base import BlackBox, LinearOperator, Operator, SVDView
+from .blur import Blur, GaussianBlur, MotionBlur
+from .blur_kernels import gaussian_kernel, motion_kernel
+from .colorization import Colorization
+from .denoising import Denoising
+from .inpainting import Inpainting, InpaintingTemplate
+from .jpeg import JPEG
+from .phase_retrieval import PhaseRetrieval
+from .super_resolution import SuperResolution
+from .template import Template
 
-__all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox"]
+__all__ = [
+    "Operator", "LinearOperator", "SVDView", "BlackBox", "Template",
+    "Inpainting", "InpaintingTemplate", "SuperResolution",
+    "Blur", "GaussianBlur", "MotionBlur", "gaussian_kernel", "motion_kernel",
+    "PhaseRetrieval", "JPEG", "Colorization", "Denoising",
+]

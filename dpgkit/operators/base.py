@@ -48,7 +48,9 @@ class LinearOperator(Operator):
     def adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def svd(self) -> SVDView:
+    def svd(self, image_shape: Sequence[int] | None = None) -> SVDView:
+        """The SVD view for images of shape `image_shape` (C, H, W); operators whose tensors fix
+        the size (masks) may be called without it, the others (blur, pooling) need it."""
         raise NotImplementedError(
             f"{type(self).__name__} has no SVD view; DDRM and DDNM need one "
             "(inpainting, average-pool super-resolution, colorization, denoising and blur have it)"

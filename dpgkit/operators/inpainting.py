@@ -1,0 +1,235 @@
+"""Inpainting: y = m * x for a binary mask m (1 = observed). Box, random-pixel, uncropping and
+file masks; the random ones are templates drawn once per item from that item's seed.
+
+The measurement keeps the image's shape (missing pixels are 0), as in the DPS code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ._checks import check_images, check_items, generator_from_seed, image_shape3, item_slice
+from .base import LinearOperator
+from .svd_views import MaskSVD
+from .template import Template
+
+__all__ = ["Inpainting", "InpaintingTemplate", "box_mask", "random_mask", "uncrop_mask", "load_mask"]
+
+MaskSampler = Callable[[torch.Generator, int, int], Tensor]
+
+
+def _range(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    lo, hi = (value, value) if isinstance(value, (int, float)) else tuple(value)
+    if lo > hi:
+        raise ValueError(f"{name} must be a number or a range (low, high) with low <= high, got {value}")
+    return float(lo), float(hi)
+
+
+def box_mask(gen: torch.Generator, height: int, width: int, side: tuple[int, int] = (128, 128),
+             margin: int = 16) -> Tensor:
+    """(1, H, W) mask with one square hole: side drawn in [side[0], side[1]], placed uniformly at
+    random with at least `margin` px to the border (the DPS code's box)."""
+    lo, hi = int(side[0]), int(side[1])
+    s = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    if s + 2 * margin > min(height, width):
+        raise ValueError(
+            f"a {s}x{s} box with a {margin} px margin does not fit a {height}x{width} image"
+        )
+    top = int(torch.randint(margin, height - margin - s + 1, (1,), generator=gen))
+    left = int(torch.randint(margin, width - margin - s + 1, (1,), generator=gen))
+    mask = torch.ones(1, height, width)
+    mask[:, top : top + s, left : left + s] = 0
+    return mask
+
+
+def random_mask(gen: torch.Generator, height: int, width: int,
+                drop: tuple[float, float] = (0.92, 0.92)) -> Tensor:
+    """(1, H, W) mask missing round(p * H * W) pixels chosen uniformly, p drawn in [drop[0],
+    drop[1]]; the same pixels are missing in every channel."""
+    p = drop[0] + (drop[1] - drop[0]) * float(torch.rand((), generator=gen))
+    n = height * width
+    missing = torch.randperm(n, generator=gen)[: round(p * n)]
+    mask = torch.ones(n)
+    mask[missing] = 0
+    return mask.reshape(1, height, width)
+
+
+def uncrop_mask(height: int, width: int, keep: str = "center", fraction: float = 0.5) -> Tensor:
+    """(1, H, W) mask that observes a central box (`keep="center"`, sides `fraction` of the
+    image's) or the `fraction` of the image on one side ("left", "right", "top", "bottom")."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    mask = torch.zeros(1, height, width)
+    kh, kw = max(1, round(fraction * height)), max(1, round(fraction * width))
+    if keep == "center":
+        top, left = (height - kh) // 2, (width - kw) // 2
+        mask[:, top : top + kh, left : left + kw] = 1
+    elif keep == "left":
+        mask[:, :, :kw] = 1
+    elif keep == "right":
+        mask[:, :, width - kw :] = 1
+    elif keep == "top":
+        mask[:, :kh, :] = 1
+    elif keep == "bottom":
+        mask[:, height - kh :, :] = 1
+    else:
+        raise ValueError(f"keep must be 'center', 'left', 'right', 'top' or 'bottom', got {keep!r}")
+    return mask
+
+
+def load_mask(path: str | Path, size: Sequence[int] | None = None, keep: str = "white") -> Tensor:
+    """(1, H, W) binary mask from an image file: pixels brighter than mid-grey are observed
+    (`keep="white"`) or missing (`keep="black"`); resized (nearest) to `size` (H, W) if given."""
+    if keep not in ("white", "black"):
+        raise ValueError(f"keep must be 'white' or 'black', got {keep!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file not found: {path}")
+    img = Image.open(path).convert("L")
+    if size is not None:
+        img = img.resize((int(size[1]), int(size[0])), resample=Image.NEAREST)
+    white = torch.from_numpy(np.asarray(img) >= 128)
+    mask = white if keep == "white" else ~white
+    return mask.float()[None]
+
+
+class Inpainting(LinearOperator):
+    """y = mask * x. `mask` (H, W) or (1 or B, 1 or C, H, W), 1 = observed, 0 = missing.
+
+    A mask with a leading dimension B > 1 holds one mask per item (see `item`).
+    Constructors: `Inpainting.box`, `.random`, `.uncrop`, `.from_file`, `.from_files`.
+    """
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        mask = torch.as_tensor(mask)
+        if not mask.is_floating_point():
+            mask = mask.float()
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        if mask.dim() != 4:
+            raise ValueError(f"mask must have shape (H, W) or (B, 1 or C, H, W), got {tuple(mask.shape)}")
+        if bool(((mask < 0) | (mask > 1)).any()):
+            raise ValueError("mask values must lie in [0, 1] (1 = observed)")
+        self.register_buffer("mask", mask)
+
+    def __repr__(self) -> str:
+        return f"Inpainting(mask={tuple(self.mask.shape)}, observed={float(self.mask.mean()):.3f})"
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.mask.shape[0] if self.mask.shape[0] > 1 else None
+
+    def item(self, b: int) -> Inpainting:
+        if self.mask.shape[0] == 1:
+            return self
+        return Inpainting(self.mask[item_slice(b, self.mask.shape[0], "Inpainting")])
+
+    def _check(self, x: Tensor) -> None:
+        check_images(x, "Inpainting")
+        c, h, w = self.mask.shape[1:]
+        if x.shape[-2:] != (h, w) or c not in (1, x.shape[1]):
+            raise ValueError(
+                f"Inpainting mask of shape {tuple(self.mask.shape)} does not fit images of shape "
+                f"{tuple(x.shape)}: expected (B, {'C' if c == 1 else c}, {h}, {w})"
+            )
+        check_items(x, self.mask.shape[0], "Inpainting")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return x * self.mask.to(x.dtype)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        self._check(y)
+        return y * self.mask.to(y.dtype)
+
+    def svd(self, image_shape: Sequence[int] | None = None) -> MaskSVD:
+        """Permutation view (kept pixels first); `image_shape` (C, H, W) expands 1-channel masks."""
+        mask = self.mask
+        if image_shape is not None:
+            c, h, w = image_shape3(image_shape, "Inpainting.svd")
+            if mask.shape[-2:] != (h, w) or mask.shape[1] not in (1, c):
+                raise ValueError(f"mask {tuple(mask.shape)} does not fit images of shape {(c, h, w)}")
+            mask = mask.expand(-1, c, -1, -1)
+        return MaskSVD(mask)
+
+    @staticmethod
+    def box(side: int | Sequence[int] = (128, 128), margin: int = 16) -> InpaintingTemplate:
+        """A square hole of side in the range `side` (px, inclusive) at a random place with a
+        `margin` px border (paper: 128 x 128, 16 px)."""
+        lo, hi = _range(side, "side")
+        s = (int(lo), int(hi))
+        if s[0] < 1:
+            raise ValueError(f"box side must be >= 1 px, got {side}")
+
+        def sample(gen: torch.Generator, h: int, w: int) -> Tensor:
+            return box_mask(gen, h, w, s, margin)
+
+        return InpaintingTemplate(sample, f"box(side={s}, margin={margin})")
+
+    @staticmethod
+    def random(drop: float | Sequence[float] = (0.92, 0.92)) -> InpaintingTemplate:
+        """Random missing pixels, a fraction drawn in the range `drop` (paper: about 0.92)."""
+        d = _range(drop, "drop")
+        if not (d[0] >= 0 and d[1] <= 1):
+            raise ValueError(f"drop must lie in [0, 1], got {drop}")
+
+        def sample(gen: torch.Generator, h: int, w: int) -> Tensor:
+            return random_mask(gen, h, w, d)
+
+        return InpaintingTemplate(sample, f"random(drop={d})")
+
+    @staticmethod
+    def uncrop(image_size: Sequence[int], keep: str = "center", fraction: float = 0.5) -> Inpainting:
+        """Uncropping (outpainting): observe only the centre or one side; `image_size` (H, W)."""
+        h, w = (int(s) for s in image_size)
+        return Inpainting(uncrop_mask(h, w, keep, fraction)[None])
+
+    @staticmethod
+    def from_file(path: str | Path, size: Sequence[int] | None = None, keep: str = "white") -> Inpainting:
+        """One mask for every image, read from an image file (see `load_mask`)."""
+        return Inpainting(load_mask(path, size, keep)[None])
+
+    @staticmethod
+    def from_files(paths: Sequence[str | Path], size: Sequence[int] | None = None,
+                   keep: str = "white") -> InpaintingTemplate:
+        """A mask set: each item gets one of the files, picked from its seed."""
+        if len(paths) == 0:
+            raise ValueError("from_files needs at least one mask file")
+        loaded = [load_mask(p, size, keep) for p in paths]
+        sizes = sorted({tuple(m.shape[-2:]) for m in loaded})
+        if len(sizes) != 1:
+            raise ValueError(f"mask files differ in size ({sizes}); pass size=(H, W)")
+        masks = torch.stack(loaded)
+
+        def sample(gen: torch.Generator, h: int, w: int) -> Tensor:
+            if masks.shape[-2:] != (h, w):
+                raise ValueError(f"mask files are {tuple(masks.shape[-2:])}, images are {(h, w)}; "
+                                 "pass size=(H, W) to from_files")
+            return masks[int(torch.randint(len(masks), (1,), generator=gen))]
+
+        return InpaintingTemplate(sample, f"from_files({len(paths)} masks)")
+
+
+class InpaintingTemplate(Template):
+    """A random mask family; `draw(seeds, image_shape)` gives the `Inpainting` of those items."""
+
+    def __init__(self, sampler: MaskSampler, description: str) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"Inpainting.{self.description}"
+
+    def draw(self, seeds: Sequence[int], image_shape: Sequence[int]) -> Inpainting:
+        _, h, w = image_shape3(image_shape, repr(self))
+        if len(seeds) == 0:
+            raise ValueError("draw needs at least one seed")
+        return Inpainting(torch.stack([self.sampler(generator_from_seed(s), h, w) for s in seeds]))
