@@ -140,10 +140,14 @@ def test_svd_singulars_match_known_values():
     assert torch.allclose(SuperResolution(4).svd((1, 8, 8)).singulars(), torch.full((4,), 0.25))
     assert torch.allclose(Colorization().svd((3, 2, 2)).singulars(), torch.full((4,), 3 ** -0.5))
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    assert torch.equal(Inpainting(mask).svd().singulars(), torch.ones(3))
+    assert torch.equal(Inpainting(mask).svd((1, 2, 2)).singulars(), torch.ones(3))
+    assert torch.equal(Inpainting(mask).svd((3, 2, 2)).singulars(), torch.ones(9))
     # a per-item mask view pads the item that keeps fewer pixels with zeros
     masks = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]], [[[0.0, 0.0], [1.0, 0.0]]]])
-    assert torch.equal(Inpainting(masks).svd().singulars(), torch.tensor([[1.0, 1, 1], [1, 0, 0]]))
+    assert torch.equal(Inpainting(masks).svd((1, 2, 2)).singulars(),
+                       torch.tensor([[1.0, 1, 1], [1, 0, 0]]))
+    # a mask with one entry per channel knows its size
+    assert Inpainting(torch.ones(1, 3, 2, 2)).svd().singulars().shape == (12,)
     # the Fourier view of a circular blur has |DFT(kernel)| as singular values; DC first (= 1)
     s = GaussianBlur(5, 1.0, padding="circular").svd((1, 8, 8)).singulars()
     assert abs(float(s[0]) - 1.0) < 1e-6
@@ -427,7 +431,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Inpainting(torch.full((H, W), 2.0))
     with pytest.raises(ValueError, match="binary"):
-        Inpainting(torch.full((H, W), 0.5)).svd()
+        Inpainting(torch.full((H, W), 0.5)).svd(SHAPE)
+    with pytest.raises(ValueError, match=r"needs the image shape \(C, H, W\) for a mask shared"):
+        Inpainting(torch.ones(H, W)).svd()
     with pytest.raises(ValueError, match="kernel must have shape"):
         Blur(torch.ones(1, 1, 3, 3))
     with pytest.raises(ValueError, match="padding must be one of"):

@@ -150,8 +150,12 @@ class Inpainting(LinearOperator):
         return y * self.mask.to(y.dtype)
 
     def svd(self, image_shape: Sequence[int] | None = None) -> MaskSVD:
-        """Permutation view (kept pixels first); `image_shape` (C, H, W) expands 1-channel masks."""
+        """Permutation view (kept pixels first) for images (C, H, W); `image_shape` may be left
+        out when the mask has one entry per channel."""
         mask = self.mask
+        if image_shape is None and mask.shape[1] == 1:
+            raise ValueError("Inpainting.svd needs the image shape (C, H, W) for a mask shared by "
+                             "the channels: the view acts on vectors of C*H*W entries")
         if image_shape is not None:
             c, h, w = image_shape3(image_shape, "Inpainting.svd")
             if mask.shape[-2:] != (h, w) or mask.shape[1] not in (1, c):
