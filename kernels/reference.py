@@ -2,7 +2,7 @@
 
 For one image with Tweedie estimate x0hat, measurement y, policy width r and temperature Z:
 
-    x0_i = x0hat + r eps_i                 eps_i = philox_normal(seed)[i], i = 1..N
+    x0_i = x0hat + r eps_i                 eps_i = stream(seed)[i], i = 1..N
     log p_i = -(E(y, A x0_i) - shift) / Z  E = ||.||^2 (Gaussian, shift = Z_raw) or ||.||_1 (Poisson)
     w_i = p_i - (sum_j p_j - p_i) / (N - 1)
     v = -(1 / (N r)) sum_i w_i eps_i
@@ -12,18 +12,41 @@ the functions return (v_unit, m) with v = exp(m) v_unit, so the published scale 
 (it matters under momentum) and nothing overflows.
 
 `eager` holds the N x D noise at once (the readable reference); `chunked` streams it in chunks and
-regenerates each chunk in a second pass (memory O(chunk x D)). Both draw the same noise.
+regenerates each chunk in a second pass (memory O(chunk x D)). Both draw the same noise from a
+`stream(seed, start, n, numel, device) -> (n, numel)`: by default `torch_normal` (torch's own
+generator, one per sample: fast on any device); the fused kernels draw `philox_normal` in registers,
+and their tests pass `stream=philox_normal` here to compare on the very same numbers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .philox import philox_normal
 
-__all__ = ["log_rewards", "loo_weights", "direction_from_energies", "dpg_direction_eager",
+NoiseStream = Callable[[int, int, int, int, "torch.device | str"], Tensor]
+
+__all__ = ["torch_normal", "philox_normal", "NoiseStream", "log_rewards", "loo_weights",
+           "direction_from_energies", "dpg_direction_eager",
            "dpg_direction_chunked"]
+
+
+def torch_normal(seed: int, sample_start: int, num_samples: int, numel: int,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """eps[i] for samples sample_start..+num_samples: (num_samples, numel) float32 on `device`.
+
+    Sample i is drawn from its own torch generator seeded by (seed + i), so a sample's noise does not
+    depend on how the samples are chunked. Bits are the same on every machine of one device type.
+    """
+    device = torch.device(device)
+    out = torch.empty(num_samples, numel, device=device)
+    for k in range(num_samples):
+        gen = torch.Generator(device=device).manual_seed((seed + sample_start + k) % 2**63)
+        torch.randn(numel, generator=gen, device=device, out=out[k])
+    return out
 
 
 def log_rewards(energies: Tensor, z: Tensor, shift: Tensor) -> Tensor:
@@ -55,14 +78,14 @@ def _energies(x0hat: Tensor, y: Tensor, operator, noise, r: float, eps: Tensor) 
 
 def dpg_direction_eager(
     x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
-    num_samples: int, seed: int,
+    num_samples: int, seed: int, stream: NoiseStream = torch_normal,
 ) -> tuple[Tensor, Tensor]:
     """One image: x0hat (C, H, W), y its measurement (no batch dim), operator item-level.
 
     Returns (v_unit (C, H, W) float32, m (float64 scalar)) with v = exp(m) v_unit.
     """
     with torch.no_grad():
-        eps = philox_normal(seed, 0, num_samples, x0hat.numel(), x0hat.device)
+        eps = stream(seed, 0, num_samples, x0hat.numel(), x0hat.device)
         rr = float(r)
         energies = _energies(x0hat, y, operator, noise, rr, eps)
         w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
@@ -72,7 +95,7 @@ def dpg_direction_eager(
 
 def dpg_direction_chunked(
     x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
-    num_samples: int, seed: int, chunk_size: int = 256,
+    num_samples: int, seed: int, chunk_size: int = 256, stream: NoiseStream = torch_normal,
 ) -> tuple[Tensor, Tensor]:
     """As `dpg_direction_eager`, holding at most `chunk_size` x D noise at a time."""
     with torch.no_grad():
@@ -80,7 +103,7 @@ def dpg_direction_chunked(
         starts = range(0, num_samples, chunk_size)
         energies = torch.cat([
             _energies(x0hat, y, operator, noise, rr,
-                      philox_normal(seed, s, min(chunk_size, num_samples - s), d, x0hat.device))
+                      stream(seed, s, min(chunk_size, num_samples - s), d, x0hat.device))
             for s in starts
         ])
         w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
@@ -88,5 +111,5 @@ def dpg_direction_chunked(
         v = torch.zeros(d, device=x0hat.device, dtype=torch.float64)
         for s in starts:
             n = min(chunk_size, num_samples - s)
-            v += w[s : s + n] @ philox_normal(seed, s, n, d, x0hat.device).double()
+            v += w[s : s + n] @ stream(seed, s, n, d, x0hat.device).double()
         return (-v / rr).view_as(x0hat).to(x0hat.dtype), m
