@@ -34,19 +34,25 @@ __all__ = ["torch_normal", "philox_normal", "NoiseStream", "log_rewards", "loo_w
            "dpg_direction_chunked"]
 
 
+STREAM_BLOCK = 64
+
+
 def torch_normal(seed: int, sample_start: int, num_samples: int, numel: int,
                  device: torch.device | str = "cpu") -> Tensor:
     """eps[i] for samples sample_start..+num_samples: (num_samples, numel) float32 on `device`.
 
-    Sample i is drawn from its own torch generator seeded by (seed + i), so a sample's noise does not
-    depend on how the samples are chunked. Bits are the same on every machine of one device type.
+    Samples come in fixed blocks of STREAM_BLOCK, block k drawn from a torch generator seeded by
+    (seed, k), so a sample's noise does not depend on how the samples are chunked. Bits are the same
+    on every machine of one device type.
     """
     device = torch.device(device)
-    out = torch.empty(num_samples, numel, device=device)
-    for k in range(num_samples):
-        gen = torch.Generator(device=device).manual_seed((seed + sample_start + k) % 2**63)
-        torch.randn(numel, generator=gen, device=device, out=out[k])
-    return out
+    first, last = sample_start // STREAM_BLOCK, (sample_start + num_samples - 1) // STREAM_BLOCK
+    blocks = []
+    for k in range(first, last + 1):
+        gen = torch.Generator(device=device).manual_seed((seed + k * 0x9E3779B97F4A7C15) % 2**63)
+        blocks.append(torch.randn(STREAM_BLOCK, numel, generator=gen, device=device))
+    offset = sample_start - first * STREAM_BLOCK
+    return torch.cat(blocks)[offset : offset + num_samples]
 
 
 def log_rewards(energies: Tensor, z: Tensor, shift: Tensor) -> Tensor:
