@@ -34,7 +34,7 @@ class Task:
              batch_size: int = 1) -> Operator:
         """Draw (and keep) the operator for the items `indices` (default 0..batch_size-1)."""
         indices = list(range(batch_size)) if indices is None else [int(i) for i in indices]
-        if self.template.random:
+        if self.template.is_random:
             seeds = [derive_seed(seed, i, "operator") for i in indices]
             self.operator = self.template.draw(seeds, tuple(image_shape))
         return self.operator

@@ -219,7 +219,7 @@ def test_tweedie_width_runs_and_guides():
 
 def test_random_template_must_be_drawn_first():
     class RandomOp(ItemMask):
-        random = True
+        is_random = True
 
     task = dk.Task(RandomOp(torch.ones(1, 1, 4, 4)), dk.noise.Gaussian(0.05))
     with pytest.raises(ValueError, match="task.measure"):

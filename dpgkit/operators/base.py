@@ -17,11 +17,11 @@ __all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox"]
 
 
 class Operator(nn.Module):
-    """A forward model. Subclasses implement `forward`; random ones `random = True` and `draw`."""
+    """A forward model. Subclasses implement `forward`; random ones `is_random = True` and `draw`."""
 
     is_linear: bool = False
     differentiable: bool = True
-    random: bool = False
+    is_random: bool = False
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -74,7 +74,7 @@ class ReverseChain:
                 f"the task's operator was drawn for {op_batch} items but y holds {self.batch}: "
                 "call task.measure (or task.draw) for this batch first"
             )
-        if getattr(task.operator, "random", False):
+        if getattr(task.operator, "is_random", False):
             raise ValueError("the task's operator is a random template: call task.measure or task.draw first")
         total = len(model.schedule)
         spec = None if sampler == "ddpm" and steps == total else (f"ddim{steps}" if sampler == "ddim" else steps)
