@@ -242,7 +242,7 @@ def test_measure_uses_the_drawn_operator_and_item_applies_to_any_number_of_state
     task = dk.Task(MotionBlur(7, 0.5), Gaussian(0.05))
     y = task.measure(x, seed=1)
     op = task.operator
-    assert not op.random and op.batch_size == 3
+    assert not op.is_random and op.batch_size == 3
     assert (y - op(x)).std() == pytest.approx(0.05, rel=0.15)
     states = _rand(5, C, H, W, seed=4)
     one = op.item(1)
@@ -259,13 +259,13 @@ def test_measure_uses_the_drawn_operator_and_item_applies_to_any_number_of_state
 def test_shared_operators_return_themselves_from_item():
     for op in (SuperResolution(2), GaussianBlur(5, 1.0), Colorization(), Denoising(),
                Inpainting(torch.ones(H, W)), PhaseRetrieval(), JPEG(50)):
-        assert op.item(7) is op and op.batch_size is None
+        assert op.item(7) is op and op.batch_size is None and not op.is_random
 
 
 def test_templates_refuse_to_apply_before_a_draw():
     for template in RANDOM.values():
         op = template()
-        assert op.random and op.is_linear
+        assert op.is_random and op.is_linear
         with pytest.raises(RuntimeError, match="random template"):
             op(torch.zeros(1, *SHAPE))
         with pytest.raises(RuntimeError, match="random template"):
@@ -444,3 +444,15 @@ def test_clear_errors():
         MotionBlur(61, 1.5)
     with pytest.raises(ValueError, match="quality"):
         JPEG(0)
+
+
+def test_operators_pickle_for_worker_processes():
+    import pickle
+
+    x = _rand(2, C, H, W, seed=8)
+    for template in (*RANDOM.values(), lambda: GaussianBlur(5), lambda: SuperResolution(2, "bicubic")):
+        op = template()
+        clone = pickle.loads(pickle.dumps(op))
+        assert repr(clone) == repr(op)
+        drawn, drawn_clone = _drawn(op) if op.is_random else op, _drawn(clone) if clone.is_random else clone
+        assert torch.equal(drawn(x), drawn_clone(x))

@@ -5,7 +5,13 @@ from .blur import Blur, GaussianBlur, MotionBlur
 from .blur_kernels import gaussian_kernel, motion_kernel
 from .colorization import Colorization
 from .denoising import Denoising
-from .inpainting import Inpainting, InpaintingTemplate
+from .inpainting import (
+    BoxInpainting,
+    Inpainting,
+    InpaintingTemplate,
+    MaskSetInpainting,
+    RandomInpainting,
+)
 from .jpeg import JPEG
 from .phase_retrieval import PhaseRetrieval
 from .super_resolution import SuperResolution
@@ -13,7 +19,8 @@ from .template import Template
 
 __all__ = [
     "Operator", "LinearOperator", "SVDView", "BlackBox", "Template",
-    "Inpainting", "InpaintingTemplate", "SuperResolution",
+    "Inpainting", "InpaintingTemplate", "BoxInpainting", "RandomInpainting", "MaskSetInpainting",
+    "SuperResolution",
     "Blur", "GaussianBlur", "MotionBlur", "gaussian_kernel", "motion_kernel",
     "PhaseRetrieval", "JPEG", "Colorization", "Denoising",
 ]

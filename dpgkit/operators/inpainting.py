@@ -6,7 +6,7 @@ The measurement keeps the image's shape (missing pixels are 0), as in the DPS co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,10 @@ from .base import LinearOperator
 from .svd_views import MaskSVD
 from .template import Template
 
-__all__ = ["Inpainting", "InpaintingTemplate", "box_mask", "random_mask", "uncrop_mask", "load_mask"]
-
-MaskSampler = Callable[[torch.Generator, int, int], Tensor]
-
+__all__ = [
+    "Inpainting", "InpaintingTemplate", "BoxInpainting", "RandomInpainting", "MaskSetInpainting",
+    "box_mask", "random_mask", "uncrop_mask", "load_mask",
+]
 
 def _range(value: float | Sequence[float], name: str) -> tuple[float, float]:
     lo, hi = (value, value) if isinstance(value, (int, float)) else tuple(value)
@@ -164,30 +164,15 @@ class Inpainting(LinearOperator):
         return MaskSVD(mask)
 
     @staticmethod
-    def box(side: int | Sequence[int] = (128, 128), margin: int = 16) -> InpaintingTemplate:
+    def box(side: int | Sequence[int] = (128, 128), margin: int = 16) -> BoxInpainting:
         """A square hole of side in the range `side` (px, inclusive) at a random place with a
         `margin` px border (paper: 128 x 128, 16 px)."""
-        lo, hi = _range(side, "side")
-        s = (int(lo), int(hi))
-        if s[0] < 1:
-            raise ValueError(f"box side must be >= 1 px, got {side}")
-
-        def sample(gen: torch.Generator, h: int, w: int) -> Tensor:
-            return box_mask(gen, h, w, s, margin)
-
-        return InpaintingTemplate(sample, f"box(side={s}, margin={margin})")
+        return BoxInpainting(side, margin)
 
     @staticmethod
-    def random(drop: float | Sequence[float] = (0.92, 0.92)) -> InpaintingTemplate:
+    def random(drop: float | Sequence[float] = (0.92, 0.92)) -> RandomInpainting:
         """Random missing pixels, a fraction drawn in the range `drop` (paper: about 0.92)."""
-        d = _range(drop, "drop")
-        if not (d[0] >= 0 and d[1] <= 1):
-            raise ValueError(f"drop must lie in [0, 1], got {drop}")
-
-        def sample(gen: torch.Generator, h: int, w: int) -> Tensor:
-            return random_mask(gen, h, w, d)
-
-        return InpaintingTemplate(sample, f"random(drop={d})")
+        return RandomInpainting(drop)
 
     @staticmethod
     def uncrop(image_size: Sequence[int], keep: str = "center", fraction: float = 0.5) -> Inpainting:
@@ -202,38 +187,82 @@ class Inpainting(LinearOperator):
 
     @staticmethod
     def from_files(paths: Sequence[str | Path], size: Sequence[int] | None = None,
-                   keep: str = "white") -> InpaintingTemplate:
+                   keep: str = "white") -> MaskSetInpainting:
         """A mask set: each item gets one of the files, picked from its seed."""
-        if len(paths) == 0:
-            raise ValueError("from_files needs at least one mask file")
-        loaded = [load_mask(p, size, keep) for p in paths]
-        sizes = sorted({tuple(m.shape[-2:]) for m in loaded})
-        if len(sizes) != 1:
-            raise ValueError(f"mask files differ in size ({sizes}); pass size=(H, W)")
-        masks = torch.stack(loaded)
-
-        def sample(gen: torch.Generator, h: int, w: int) -> Tensor:
-            if masks.shape[-2:] != (h, w):
-                raise ValueError(f"mask files are {tuple(masks.shape[-2:])}, images are {(h, w)}; "
-                                 "pass size=(H, W) to from_files")
-            return masks[int(torch.randint(len(masks), (1,), generator=gen))]
-
-        return InpaintingTemplate(sample, f"from_files({len(paths)} masks)")
+        return MaskSetInpainting(paths, size, keep)
 
 
 class InpaintingTemplate(Template):
-    """A random mask family; `draw(seeds, image_shape)` gives the `Inpainting` of those items."""
+    """A random mask family; `draw(seeds, image_shape)` gives the `Inpainting` of those items.
 
-    def __init__(self, sampler: MaskSampler, description: str) -> None:
-        super().__init__()
-        self.sampler = sampler
-        self.description = description
+    Subclasses implement `sample(generator, height, width)` -> a (1, H, W) mask.
+    """
 
-    def __repr__(self) -> str:
-        return f"Inpainting.{self.description}"
+    def sample(self, gen: torch.Generator, height: int, width: int) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
 
     def draw(self, seeds: Sequence[int], image_shape: Sequence[int]) -> Inpainting:
         _, h, w = image_shape3(image_shape, repr(self))
         if len(seeds) == 0:
             raise ValueError("draw needs at least one seed")
-        return Inpainting(torch.stack([self.sampler(generator_from_seed(s), h, w) for s in seeds]))
+        return Inpainting(torch.stack([self.sample(generator_from_seed(s), h, w) for s in seeds]))
+
+
+class BoxInpainting(InpaintingTemplate):
+    """A square hole, side drawn in `side` (px, inclusive), placed at random `margin` px or more
+    from the border (paper: 128 x 128, 16 px). Also `Inpainting.box(...)`."""
+
+    def __init__(self, side: int | Sequence[int] = (128, 128), margin: int = 16) -> None:
+        super().__init__()
+        lo, hi = _range(side, "side")
+        if lo < 1 or margin < 0:
+            raise ValueError(f"need a box side >= 1 px and a margin >= 0, got {side}, {margin}")
+        self.side, self.margin = (int(lo), int(hi)), int(margin)
+
+    def __repr__(self) -> str:
+        return f"Inpainting.box(side={self.side}, margin={self.margin})"
+
+    def sample(self, gen: torch.Generator, height: int, width: int) -> Tensor:
+        return box_mask(gen, height, width, self.side, self.margin)
+
+
+class RandomInpainting(InpaintingTemplate):
+    """Random missing pixels (the same in every channel), a fraction drawn in the range `drop`
+    (paper: about 0.92). Also `Inpainting.random(...)`."""
+
+    def __init__(self, drop: float | Sequence[float] = (0.92, 0.92)) -> None:
+        super().__init__()
+        self.drop = _range(drop, "drop")
+        if self.drop[0] < 0 or self.drop[1] > 1:
+            raise ValueError(f"drop must lie in [0, 1], got {drop}")
+
+    def __repr__(self) -> str:
+        return f"Inpainting.random(drop={self.drop})"
+
+    def sample(self, gen: torch.Generator, height: int, width: int) -> Tensor:
+        return random_mask(gen, height, width, self.drop)
+
+
+class MaskSetInpainting(InpaintingTemplate):
+    """Masks read from files (see `load_mask`); each item gets one, picked from its seed.
+    Also `Inpainting.from_files(...)`."""
+
+    def __init__(self, paths: Sequence[str | Path], size: Sequence[int] | None = None,
+                 keep: str = "white") -> None:
+        super().__init__()
+        if len(paths) == 0:
+            raise ValueError("a mask set needs at least one mask file")
+        loaded = [load_mask(p, size, keep) for p in paths]
+        sizes = sorted({tuple(m.shape[-2:]) for m in loaded})
+        if len(sizes) != 1:
+            raise ValueError(f"mask files differ in size ({sizes}); pass size=(H, W)")
+        self.register_buffer("masks", torch.stack(loaded))
+
+    def __repr__(self) -> str:
+        return f"Inpainting.from_files({len(self.masks)} masks of {tuple(self.masks.shape[-2:])})"
+
+    def sample(self, gen: torch.Generator, height: int, width: int) -> Tensor:
+        if self.masks.shape[-2:] != (height, width):
+            raise ValueError(f"mask files are {tuple(self.masks.shape[-2:])}, images are "
+                             f"{(height, width)}; pass size=(H, W) to from_files")
+        return self.masks[int(torch.randint(len(self.masks), (1,), generator=gen))].cpu()

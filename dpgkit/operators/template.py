@@ -19,7 +19,7 @@ class Template(LinearOperator):
     same drawn instance (task.measure draws it and keeps it in task.operator).
     """
 
-    random = True
+    is_random = True
 
     def _undrawn(self) -> RuntimeError:
         return RuntimeError(
