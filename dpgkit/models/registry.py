@@ -47,7 +47,8 @@ class Preset:
 
     def __post_init__(self) -> None:
         size = int(self.config["image_size"])
-        object.__setattr__(self, "image_shape", (3, size, size))
+        channels = int(self.config.get("in_channels", 3))
+        object.__setattr__(self, "image_shape", (channels, size, size))
 
 
 PRESETS: dict[str, Preset] = {}
@@ -123,6 +124,25 @@ register_preset(
     url="https://drive.google.com/drive/folders/1jElnRoFv7b31fG0v6pTSQkelbSX3xGZh?usp=sharing "
     "(linked from https://github.com/DPS2022/diffusion-posterior-sampling)",
     description="DPS (Chung et al. 2023) FFHQ 256x256 unconditional (93.6M parameters)",
+)
+
+# The embedded prior: trained by `dpgkit fit --config recipes/train_demo_prior.yaml` (see its
+# model card, dpgkit/models/cards/demo-fashion32.md); the weights ship in models/weights/.
+register_preset(
+    "demo-fashion32",
+    {
+        "image_size": 32,
+        "in_channels": 1,
+        "num_channels": 32,
+        "channel_mult": "1,2,2",
+        "num_res_blocks": 1,
+        "attention_resolutions": "",
+        "learn_sigma": False,
+        "use_scale_shift_norm": True,
+        "dropout": 0.0,
+    },
+    checkpoint_name="demo-fashion32.safetensors",
+    description="dpgkit's embedded demo prior: Fashion-MNIST padded to 32x32, 1 channel (1.1M parameters)",
 )
 
 
@@ -283,7 +303,7 @@ def load(
     size = int(cfg["image_size"])
     return DiffusionModel(
         net,
-        image_shape=(3, size, size),
+        image_shape=(int(cfg["in_channels"]), size, size),
         schedule=Schedule.linear(1000),
         learned_sigma=bool(cfg["learn_sigma"]),
         dtype=dtype,

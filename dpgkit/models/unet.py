@@ -47,6 +47,8 @@ UNET_DEFAULTS: dict[str, Any] = {
     "resblock_updown": False,
     "use_fp16": False,
     "use_new_attention_order": False,
+    # dpgkit's one addition to guided-diffusion's arguments: image channels (1 for grayscale priors)
+    "in_channels": 3,
 }
 
 
@@ -472,11 +474,12 @@ def unet_from_config(config: Mapping[str, Any]) -> UNetModel:
             "only unconditional models are"
         )
     image_size = int(cfg["image_size"])
+    channels = int(cfg["in_channels"])
     return UNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=channels,
         model_channels=int(cfg["num_channels"]),
-        out_channels=6 if cfg["learn_sigma"] else 3,
+        out_channels=2 * channels if cfg["learn_sigma"] else channels,
         num_res_blocks=int(cfg["num_res_blocks"]),
         attention_ds=_parse_attention(cfg["attention_resolutions"], image_size),
         dropout=float(cfg["dropout"]),
