@@ -1,18 +1,87 @@
-"""Guidance kernels (installed as `dpgkit.kernels`): the DPG direction, eager, chunked and fused."""
+"""Guidance kernels (installed as `dpgkit.kernels`): the DPG direction, eager, chunked and fused.
+
+Backends: "eager" (the readable reference, N x D in memory), "chunked" (the same numbers in
+O(chunk x D) memory), "triton" (fused kernels, `kernels.triton_dpg`, for the operators listed in
+`kernels.fusion`), "auto" (triton on CUDA when the problem is fused, chunked otherwise). A problem
+the fused kernels cannot run (another operator or noise model, no usable Triton) falls back to
+chunked, logged once per reason.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .fusion import GatherPlan, apply_plan, energy_kind, plan_for
 from .philox import philox_normal
 from .reference import dpg_direction_chunked, dpg_direction_eager
 
-__all__ = ["dpg_direction", "philox_normal", "BACKENDS"]
+__all__ = ["dpg_direction", "fused_plan", "philox_normal", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "chunked", "triton")
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
+
+
+@functools.cache
+def _triton():
+    """The fused module, or why it cannot be imported here (a string)."""
+    try:
+        from . import triton_dpg
+    except Exception as err:  # no triton, or a triton that fails to initialise on this machine
+        return f"triton is not usable here ({type(err).__name__}: {err})"
+    return triton_dpg
+
+
+def fused_plan(x0hat: Tensor, operator, noise, ax0: Tensor | None = None) -> GatherPlan | str:
+    """The fused kernels' table for one item (x0hat (C, H, W), item-level operator), or why not.
+
+    The table is checked against the operator itself on x0hat (`ax0` = operator(x0hat), computed
+    when None), so an operator whose meaning differs from what its type promises is not fused.
+    """
+    if energy_kind(noise) is None:
+        return f"noise model {noise!r} has no fused energy (squared L2 or L1)"
+    module = _triton()
+    if isinstance(module, str):
+        return module
+    reason = module.usable_on(x0hat.device)
+    if reason is not None:
+        return reason
+    plan = plan_for(operator, x0hat.shape, x0hat.device)
+    if isinstance(plan, str):
+        return plan
+    ax = (operator(x0hat[None]) if ax0 is None else ax0).reshape(-1).float()
+    if ax.numel() != plan.out_numel:
+        return f"{type(operator).__name__} gives {ax.numel()} outputs, its fused table {plan.out_numel}"
+    if not torch.allclose(apply_plan(plan, x0hat), ax, rtol=1e-4, atol=1e-5):
+        return f"{type(operator).__name__} does not compute what its fused table ({plan.kind}) does"
+    return plan
+
+
+def _fused_or_none(x0hat: Tensor, operator, noise, backend: str):
+    """(module, plan, ax0) when this item runs fused, else None (after logging why, once)."""
+    module = _triton()
+    # the interpreter is a correctness path: auto never picks it
+    if backend == "auto" and (x0hat.device.type != "cuda" or isinstance(module, str) or module.INTERPRETED):
+        return None
+    ax0 = operator(x0hat[None])
+    plan = fused_plan(x0hat, operator, noise, ax0)
+    if isinstance(plan, str):
+        _log_once(f"DPG guidance for {type(operator).__name__} with {type(noise).__name__} noise: "
+                  f"backend {backend!r} falls back to 'chunked' ({plan})")
+        return None
+    return module, plan, ax0
 
 
 def dpg_direction(
@@ -26,17 +95,20 @@ def dpg_direction(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown guidance backend {backend!r}: expected one of {BACKENDS}")
-    if backend == "auto":
-        backend = "chunked"
+    if len(seeds) != x0hat.shape[0]:
+        raise ValueError(f"expected one seed per item ({x0hat.shape[0]}), got {len(seeds)}")
     vs, ms = [], []
     for b in range(x0hat.shape[0]):
-        args = (x0hat[b], y[b], operator.item(b), noise, r[b], z[b], z_raw[b], num_samples, seeds[b])
+        op = operator.item(b)
+        args = (x0hat[b], y[b], op, noise, r[b], z[b], z_raw[b], num_samples, seeds[b])
+        fused = _fused_or_none(x0hat[b], op, noise, backend) if backend in ("auto", "triton") else None
         if backend == "eager":
             v, m = dpg_direction_eager(*args)
-        elif backend == "chunked":
-            v, m = dpg_direction_chunked(*args, chunk_size=chunk_size)
+        elif fused is not None:
+            module, plan, ax0 = fused
+            v, m = module.dpg_direction_fused(x0hat[b], y[b], plan, noise, *args[4:], ax0=ax0)
         else:
-            raise NotImplementedError("the triton backend is not built yet")
+            v, m = dpg_direction_chunked(*args, chunk_size=chunk_size)
         vs.append(v)
         ms.append(m)
     return torch.stack(vs), torch.stack(ms)
