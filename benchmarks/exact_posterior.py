@@ -1,0 +1,153 @@
+"""The exact benchmark: regenerate docs/validation.md.
+
+Gaussian-mixture priors have exact posteriors and exact guidance scores (dpgkit.validation), so
+here we can say how right each solver is, not just how good its pictures look:
+
+1. per timestep, the cosine similarity between each method's guidance direction and the exact
+   grad_{x_t} log p(y | x_t), at states x_t of the exact conditional chain;
+2. the sliced Wasserstein distance between each method's samples and exact posterior samples,
+   next to the prior's distance (no guidance) and another exact posterior draw (the noise floor).
+
+Each method's guidance scale is tuned on a separate seed (the best of a small grid, by sliced
+Wasserstein), then evaluated on the reported seed.
+
+    python benchmarks/exact_posterior.py            # the full table (about 20-40 min on 2 CPU cores)
+    python benchmarks/exact_posterior.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dpgkit import validation as V
+from dpgkit.solvers import DPG, DPS
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMESTEPS = [999, 800, 600, 400, 200, 100, 50, 10]
+
+
+def solver_factories(steps: int) -> dict[str, tuple[Callable[[float], object], list[float]]]:
+    """name -> (make(scale), scale grid). The baselines add their rows here."""
+    common = dict(sampler="ddim", steps=steps, clip=False)
+    methods = {
+        "DPS": (lambda s: DPS(scale=s, **common), [0.1, 0.3, 1.0, 3.0]),
+        "DPG N=100": (lambda s: DPG(scale=s, num_samples=100, **common), [0.02, 0.05, 0.1, 0.2, 0.4]),
+        "DPG N=1000": (lambda s: DPG(scale=s, num_samples=1000, **common), [0.02, 0.05, 0.1, 0.2, 0.4]),
+        "DPG N=100 r=tweedie": (lambda s: DPG(scale=s, num_samples=100, r="tweedie", **common),
+                                [0.02, 0.05, 0.1, 0.2, 0.4]),
+    }
+    try:  # the baselines, where they exist
+        from dpgkit.solvers import DDNM, DDRM, RedDiff
+
+        methods["DDRM"] = (lambda s: DDRM(steps=20), [0.0])
+        methods["DDNM+"] = (lambda s: DDNM(plus=True, steps=steps), [0.0])
+        methods["RED-Diff"] = (lambda s: RedDiff(steps=steps * 2, lambda_=s), [0.05, 0.25, 1.0])
+    except ImportError:
+        pass
+    return methods
+
+
+def cosine_rows(problem: V.Problem, num_states: int) -> dict[str, list[float]]:
+    rows = {"DPS": V.guidance_cosines(problem, V.dps_direction, TIMESTEPS, num_states)}
+    for n in (10, 100, 1000):
+        rows[f"DPG N={n}"] = V.guidance_cosines(
+            problem, lambda p, x, t, n=n: V.dpg_direction_at(p, x, t, n), TIMESTEPS, num_states)
+    rows["DPG N=1000 r=tweedie"] = V.guidance_cosines(
+        problem, lambda p, x, t: V.dpg_direction_at(p, x, t, 1000, r_mode="tweedie"), TIMESTEPS, num_states)
+    return rows
+
+
+def swd_rows(problem: V.Problem, num_samples: int, tune_samples: int, steps: int) -> dict[str, dict]:
+    exact = V.posterior_samples(problem, num_samples, seed=0)
+    rows = {
+        "prior (no guidance)": {"swd": V.sliced_wasserstein(
+            problem.prior.sample(num_samples, torch.Generator().manual_seed(0)).float(), exact)},
+        "exact posterior (another draw)": {"swd": V.sliced_wasserstein(
+            V.posterior_samples(problem, num_samples, seed=1), exact)},
+    }
+    tune_ref = V.posterior_samples(problem, tune_samples, seed=2)
+    for name, (make, grid) in solver_factories(steps).items():
+        start = time.time()
+        try:
+            tuned = {s: V.sliced_wasserstein(V.solver_samples(problem, make(s), tune_samples, seed=1), tune_ref)
+                     for s in grid} if len(grid) > 1 else {grid[0]: float("nan")}
+        except (ValueError, NotImplementedError) as err:
+            rows[name] = {"error": str(err)}
+            continue
+        best = min(tuned, key=lambda s: tuned[s] if tuned[s] == tuned[s] else 0.0)
+        samples = V.solver_samples(problem, make(best), num_samples, seed=0)
+        rows[name] = {"swd": V.sliced_wasserstein(samples, exact), "scale": best, "grid": tuned,
+                      "seconds": round(time.time() - start, 1)}
+        print(f"  {name}: swd {rows[name]['swd']:.4f} (scale {best})", flush=True)
+    return rows
+
+
+def render(results: dict, args) -> str:
+    lines = [
+        "# Exact benchmark: solvers against true posteriors",
+        "",
+        "Regenerate with `python benchmarks/exact_posterior.py` (this file is its output).",
+        f"Priors: Gaussian mixtures of {args.components} isotropic components on 1x{args.size}x{args.size} images "
+        f"(D = {args.size ** 2}); operators: inpainting (a third of the pixels kept), average-pool SR x2, "
+        "Gaussian blur 3x3 (std 0.8, circular). Every method samples with DDIM "
+        f"({args.steps} steps, x0hat not clipped); each guidance scale is the best of its grid on a tuning "
+        f"seed ({args.tune_samples} samples), then evaluated on {args.samples} samples of another seed.",
+        "",
+        "## 1. Guidance direction vs the exact score: mean cosine similarity per timestep",
+        "",
+        f"States x_t: {args.states} per timestep from the exact conditional chain (x0 ~ p(x0|y), diffused).",
+        "DPG here takes Z = Z_raw (no moving average) and the published width r = sqrt(Z/D)/2.",
+        "",
+    ]
+    for name, res in results.items():
+        lines += [f"### {name}", "", "| method | " + " | ".join(f"t={t}" for t in TIMESTEPS) + " |",
+                  "| --- |" + " --- |" * len(TIMESTEPS)]
+        for method, cos in res["cosine"].items():
+            lines.append(f"| {method} | " + " | ".join(f"{c:.3f}" for c in cos) + " |")
+        lines.append("")
+    lines += ["## 2. Sliced Wasserstein distance to exact posterior samples (lower is better)", "",
+              "| problem | " + " | ".join(next(iter(results.values()))["swd"].keys()) + " |",
+              "| --- |" + " --- |" * len(next(iter(results.values()))["swd"])]
+    for name, res in results.items():
+        cells = []
+        for row in res["swd"].values():
+            if "error" in row:
+                cells.append("n/a")
+            elif "scale" in row:
+                cells.append(f"{row['swd']:.4f} (s={row['scale']:g})")
+            else:
+                cells.append(f"{row['swd']:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## What it says", "", "<!-- verdict -->", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "validation.md")
+    args = parser.parse_args()
+    args.size, args.components = 8, 4
+    args.samples, args.tune_samples, args.states, args.steps = (64, 32, 8, 10) if args.quick else (512, 128, 64, 50)
+    torch.set_num_threads(1)  # small tensors: threads only add overhead
+    results = {}
+    for kind in V.PROBLEM_KINDS:
+        for sigma in (0.05, 0.2):
+            problem = V.make_problem(kind, sigma, (1, args.size, args.size), seed=0, num_components=args.components)
+            print(problem.name, flush=True)
+            results[problem.name] = {"cosine": cosine_rows(problem, args.states),
+                                     "swd": swd_rows(problem, args.samples, args.tune_samples, args.steps)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    args.out.write_text(render(results, args))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
