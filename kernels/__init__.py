@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .fusion import GatherPlan, apply_plan, energy_kind, plan_for
 from .philox import philox_normal
-from .reference import dpg_direction_chunked, dpg_direction_eager
+from .reference import dpg_direction_batched, dpg_direction_chunked, dpg_direction_eager
 
 __all__ = ["dpg_direction", "fused_plan", "philox_normal", "BACKENDS"]
 
@@ -95,20 +95,29 @@ def dpg_direction(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown guidance backend {backend!r}: expected one of {BACKENDS}")
-    if len(seeds) != x0hat.shape[0]:
-        raise ValueError(f"expected one seed per item ({x0hat.shape[0]}), got {len(seeds)}")
-    vs, ms = [], []
-    for b in range(x0hat.shape[0]):
+    batch = x0hat.shape[0]
+    if len(seeds) != batch:
+        raise ValueError(f"expected one seed per item ({batch}), got {len(seeds)}")
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for b in range(batch) if backend in ("auto", "triton") else ():
         op = operator.item(b)
-        args = (x0hat[b], y[b], op, noise, r[b], z[b], z_raw[b], num_samples, seeds[b])
-        fused = _fused_or_none(x0hat[b], op, noise, backend) if backend in ("auto", "triton") else None
-        if backend == "eager":
-            v, m = dpg_direction_eager(*args)
-        elif fused is not None:
+        fused = _fused_or_none(x0hat[b], op, noise, backend)
+        if fused is not None:
             module, plan, ax0 = fused
-            v, m = module.dpg_direction_fused(x0hat[b], y[b], plan, noise, *args[4:], ax0=ax0)
+            out[b] = module.dpg_direction_fused(x0hat[b], y[b], plan, noise, r[b], z[b], z_raw[b],
+                                                num_samples, seeds[b], ax0=ax0)
+    rest = [b for b in range(batch) if b not in out]
+    if backend != "eager" and len(rest) > 1 and operator.batch_size is None:
+        # one operator for the whole batch: the chunked path vectorised over the items
+        idx = torch.tensor(rest, device=x0hat.device)
+        v, m = dpg_direction_batched(x0hat[idx], y[idx], operator, noise, r[idx], z[idx], z_raw[idx],
+                                     num_samples, [seeds[b] for b in rest], chunk_size=chunk_size)
+        out.update({b: (v[k], m[k]) for k, b in enumerate(rest)})
+        rest = []
+    for b in rest:
+        args = (x0hat[b], y[b], operator.item(b), noise, r[b], z[b], z_raw[b], num_samples, seeds[b])
+        if backend == "eager":
+            out[b] = dpg_direction_eager(*args)
         else:
-            v, m = dpg_direction_chunked(*args, chunk_size=chunk_size)
-        vs.append(v)
-        ms.append(m)
-    return torch.stack(vs), torch.stack(ms)
+            out[b] = dpg_direction_chunked(*args, chunk_size=chunk_size)
+    return torch.stack([out[b][0] for b in range(batch)]), torch.stack([out[b][1] for b in range(batch)])

@@ -206,3 +206,14 @@ def test_dpg_runs_on_the_triton_backend(device, monkeypatch):
            for b in ("triton", "eager")}
     assert out["triton"].device.type == device.type
     torch.testing.assert_close(out["triton"], out["eager"], rtol=0, atol=1e-4)
+
+
+def test_chunked_batch_with_a_shared_operator_matches_item_by_item(device):
+    noise = dk.noise.Poisson(1.0)
+    x0hat, y, op, r, z, z_raw = _problem(dk.operators.Colorization(), noise, SHAPE, 3, device)
+    v, m = kernels.dpg_direction(x0hat, y, op, noise, r, z, z_raw, N, [5, 6, 7], backend="chunked", chunk_size=16)
+    for b in range(3):
+        v_b, m_b = reference.dpg_direction_chunked(x0hat[b], y[b], op, noise, r[b], z[b], z_raw[b], N, 5 + b,
+                                                   chunk_size=16)
+        torch.testing.assert_close(v[b], v_b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(m[b], m_b, rtol=0, atol=1e-12)
