@@ -77,11 +77,12 @@ def swd_rows(problem: V.Problem, num_samples: int, tune_samples: int, steps: int
         try:
             tuned = {s: V.sliced_wasserstein(V.solver_samples(problem, make(s), tune_samples, seed=1), tune_ref)
                      for s in grid} if len(grid) > 1 else {grid[0]: float("nan")}
+            best = min(tuned, key=lambda s: tuned[s] if tuned[s] == tuned[s] else 0.0)
+            samples = V.solver_samples(problem, make(best), num_samples, seed=0)
         except (ValueError, NotImplementedError) as err:
             rows[name] = {"error": str(err)}
+            print(f"  {name}: n/a ({err})", flush=True)
             continue
-        best = min(tuned, key=lambda s: tuned[s] if tuned[s] == tuned[s] else 0.0)
-        samples = V.solver_samples(problem, make(best), num_samples, seed=0)
         rows[name] = {"swd": V.sliced_wasserstein(samples, exact), "scale": best, "grid": tuned,
                       "seconds": round(time.time() - start, 1)}
         print(f"  {name}: swd {rows[name]['swd']:.4f} (scale {best})", flush=True)
