@@ -1,7 +1,8 @@
 """The `dpgkit` command.
 
     dpgkit predict RECIPE.yaml [--out_dir DIR] [--trainer.devices 8] [--data.root /data/...] ...
-    dpgkit evaluate RUN_DIR [RUN_DIR ...]
+    dpgkit evaluate RUN_DIR [RUN_DIR ...]         (dpgkit.evaluate)
+    dpgkit fit RECIPE.yaml ...                     (dpgkit.lightning.training, when installed)
 
 `predict` is Lightning's CLI (LightningCLI) over `RestorationModule` and `RestorationDataModule`:
 the recipe is its config file (given positionally or with --config) and any key can be overridden
@@ -44,16 +45,19 @@ class PredictCLI(LightningCLI):
     """LightningCLI for `dpgkit predict`: adds --out_dir and the PredictionWriter (`writer.*`)."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            RestorationModule,
-            RestorationDataModule,
-            args=list(args) if args is not None else None,
-            run=run,
-            seed_everything_default=False,
-            auto_configure_optimizers=False,  # every draw is seeded from (seed, item index): no global seed
-            trainer_defaults={"inference_mode": False, "logger": False},
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
-        )
+        with warnings.catch_warnings():
+            # `main` passes the console script's (rewritten) argv as args, which LightningCLI flags
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().__init__(
+                RestorationModule,
+                RestorationDataModule,
+                args=list(args) if args is not None else None,
+                run=run,
+                seed_everything_default=False,  # every draw is seeded from (seed, item index): no global seed
+                auto_configure_optimizers=False,
+                trainer_defaults={"inference_mode": False, "logger": False},
+                save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
+            )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -109,10 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(evaluate.main(argv[1:]) or 0)
     if command == "predict":
-        with warnings.catch_warnings():
-            # the console script passes its own (rewritten) sys.argv as args, which LightningCLI flags
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            PredictCLI(args=_recipe_as_config(argv))
+        PredictCLI(args=_recipe_as_config(argv))
         return 0
     if command == "fit":
         try:
