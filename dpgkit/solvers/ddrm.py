@@ -1,0 +1,175 @@
+"""Denoising Diffusion Restoration Models (Kawar et al., NeurIPS 2022): SVD-based posterior sampling.
+
+In the spectral basis of A = U diag(s) V^T, with x-bar = V^T x / sqrt(abar) (the variance-exploding
+view, sigma_t = sqrt(1 - abar_t) / sqrt(abar_t)) and y-bar_i = (U^T y)_i / s_i, every coordinate i
+steps on its own (paper, eq. 7-8):
+
+- s_i = 0 (nothing observed):  x0-bar_i + sqrt(1 - eta^2) sigma' eps-bar_i + eta sigma' z_i
+- sigma' < sigma_y / s_i (the measurement is noisier than the state):
+      x0-bar_i + sqrt(1 - eta^2) sigma' (U^T y - s x0-bar)_i / sigma_y + eta sigma' z_i
+- sigma' >= sigma_y / s_i (the state is noisier than the measurement):
+      (1 - eta_b) x0-bar_i + eta_b y-bar_i + sqrt(sigma'^2 - eta_b^2 sigma_y^2 / s_i^2) z_i
+
+sigma' is the next step's sigma; x_{t-1} = sqrt(abar_{t-1}) V x-bar'. Needs a linear operator with
+an SVD view and Gaussian (or no) noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import diffusion as dm
+from ..models.base import DiffusionModel
+from ..noise import Gaussian
+from ..operators.base import LinearOperator, SVDView
+from ..seeding import randn_per_item
+from ..task import Task
+from .base import Callback, ReverseChain, Solver, StepInfo
+
+__all__ = ["DDRM", "Spectral", "spectral_problem"]
+
+
+@dataclass
+class Spectral:
+    """A measurement seen in the SVD basis; vectors are (B, D), D = C*H*W.
+
+    s: singular values padded with zeros to D, (1 or B, D). uty: (U^T y) on the first R entries,
+    zeros after. ybar: uty / s where s > 0, else 0. sigma_y: the Gaussian noise level.
+    """
+
+    svd: SVDView
+    s: Tensor
+    uty: Tensor
+    ybar: Tensor
+    sigma_y: float
+
+    @property
+    def observed(self) -> Tensor:
+        return self.s > 0
+
+    def safe_s(self) -> Tensor:
+        """s with the zeros replaced by 1, for divisions whose result is masked out anyway."""
+        return torch.where(self.observed, self.s, torch.ones_like(self.s))
+
+    def vt(self, x: Tensor) -> Tensor:
+        return self.svd.vt(x.flatten(1))
+
+    def v(self, z: Tensor, like: Tensor) -> Tensor:
+        return self.svd.v(z).reshape(like.shape)
+
+
+def spectral_problem(method: str, task: Task, y: Tensor, image_shape: Sequence[int],
+                     s_min: float = 0.0) -> Spectral:
+    """Check that `method` applies to the task and put y in A's SVD basis.
+
+    Singular values below `s_min` count as 0 (DDRM's H-functions truncate a blur's at 3e-2 so that
+    y-bar = U^T y / s does not blow up the noise on nearly lost frequencies).
+    """
+    op, noise = task.operator, task.noise
+    if not isinstance(noise, Gaussian):
+        raise ValueError(
+            f"{method} assumes Gaussian (or no) measurement noise, got {noise!r}. "
+            "Use dpgkit.solvers.DPG, which supports Poisson noise."
+        )
+    if not isinstance(op, LinearOperator) or not op.is_linear:
+        raise ValueError(
+            f"{method} needs a linear operator with an SVD view, got {type(op).__name__}, which is "
+            "not linear. Use dpgkit.solvers.DPG (any operator) or DPS (differentiable ones)."
+        )
+    try:
+        svd = op.svd(tuple(image_shape))
+    except NotImplementedError as err:
+        raise ValueError(
+            f"{method} needs the operator's SVD view: {err}. Use dpgkit.solvers.DPG or DPS instead."
+        ) from err
+    dim = int(torch.Size(image_shape).numel())
+    batch = y.shape[0]
+    s = svd.singulars().to(y)
+    s = s.reshape(1, -1) if s.dim() == 1 else s
+    if s.shape[0] not in (1, batch) or s.shape[1] > dim:
+        raise ValueError(f"the SVD view's singular values have shape {tuple(s.shape)}; expected "
+                         f"(R,) or ({batch}, R) with R <= {dim}")
+    rank = s.shape[1]
+    s = torch.nn.functional.pad(torch.where(s >= s_min, s, torch.zeros_like(s)), (0, dim - rank))
+    uty = svd.ut(y.flatten(1))[:, :rank]
+    uty = torch.nn.functional.pad(uty, (0, dim - rank))
+    spec = Spectral(svd, s, uty, uty, float(noise.sigma))
+    spec.ybar = torch.where(spec.observed, uty / spec.safe_s(), torch.zeros_like(uty))
+    return spec
+
+
+class DDRM(Solver):
+    """DDRM with `steps` evenly strided steps (published: 20 for SR and deblurring, 100 for
+    inpainting), eta = 0.85 and eta_b = 1 (the paper's settings).
+
+    s_min: singular values below it are treated as 0 (3e-2, as DDRM's deblurring H-functions).
+    clip: clip x0hat to [-1, 1] inside the chain (the DDRM code does not; the output is clipped).
+    """
+
+    name = "ddrm"
+
+    def __init__(self, steps: int = 20, eta: float = 0.85, eta_b: float = 1.0, s_min: float = 3e-2,
+                 clip: bool = False) -> None:
+        if not 0 <= eta <= 1 or not 0 <= eta_b <= 1:
+            raise ValueError(f"eta and eta_b must lie in [0, 1], got eta={eta}, eta_b={eta_b}")
+        self.steps, self.eta, self.eta_b, self.clip = int(steps), float(eta), float(eta_b), clip
+        self.s_min = float(s_min)
+
+    def __repr__(self) -> str:
+        return f"DDRM(steps={self.steps}, eta={self.eta}, eta_b={self.eta_b})"
+
+    def restore(
+        self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
+        indices: Sequence[int] | None = None, callback: Callback | None = None,
+        progress: bool | None = None,
+    ) -> Tensor:
+        spec = spectral_problem("DDRM", task, y, model.image_shape, self.s_min)
+        chain = ReverseChain(model, y, task, "ddim", self.steps, seed, indices, progress, "DDRM")
+        abar = chain.schedule.alphas_cumprod
+        abar_prev = chain.schedule.alphas_cumprod_prev
+        x = self._initial(chain, spec, float(abar[-1]), y)
+        for step, i, i_vec, t_vec in chain.steps():
+            with torch.no_grad():
+                x0, _ = chain.denoise(x, t_vec, i_vec, self.clip)
+                a_t = chain.abar(i_vec, x)
+                eps = dm.eps_from_x0(x, x0, a_t)
+                z = randn_per_item(model.image_shape, seed, chain.indices, "ddrm", step, like=x).flatten(1)
+                xbar_next = self._spectral_step(spec, spec.vt(x0), spec.vt(eps), z, float(abar_prev[i]))
+                x_next = float(abar_prev[i]) ** 0.5 * spec.v(xbar_next, x)
+                chain.remember(x0)
+                if callback is not None:
+                    callback(StepInfo(step, int(t_vec[0]), x, x0, chain.residual(y, x0)))
+                x = chain.guard(step, int(t_vec[0]), x_next, x)
+        return chain.result(x)
+
+    def _initial(self, chain: ReverseChain, spec: Spectral, abar_T: float, y: Tensor) -> Tensor:
+        """x_T from p(x_T | y): y-bar_i + noise where the state is noisier than y, else N(0, sigma_T^2)."""
+        n = chain.initial_state().flatten(1)
+        sigma_T = ((1 - abar_T) / abar_T) ** 0.5
+        big = spec.observed & (spec.s * sigma_T > spec.sigma_y)
+        rest = (sigma_T**2 - (spec.sigma_y / spec.safe_s()) ** 2).clamp_min(0).sqrt()
+        xbar = torch.where(big, spec.ybar + rest * n, sigma_T * n)
+        like = torch.empty(y.shape[0], *chain.model.image_shape, device=y.device, dtype=y.dtype)
+        return abar_T**0.5 * spec.v(xbar, like)
+
+    def _spectral_step(self, spec: Spectral, x0: Tensor, eps: Tensor, z: Tensor, abar_next: float) -> Tensor:
+        """x-bar at the next step from x0-bar, eps-bar and the noise z, all (B, D) in V's basis."""
+        sig = ((1 - abar_next) / abar_next) ** 0.5  # sigma of the next step (0 at the end)
+        eta, eta_b, sy = self.eta, self.eta_b, spec.sigma_y
+        s, safe = spec.s, spec.safe_s()
+        keep = (1 - eta**2) ** 0.5
+        unobserved = x0 + keep * sig * eps + eta * sig * z
+        # noisy side: the state is already cleaner than y, y only nudges it
+        pull = (spec.uty - s * x0) / max(sy, torch.finfo(x0.dtype).tiny)
+        cleaner = x0 + keep * sig * pull + eta * sig * z
+        # y is cleaner than the state: move onto y-bar and keep the remaining noise
+        rest = (sig**2 - (eta_b * sy / safe) ** 2).clamp_min(0).sqrt()
+        noisier = (1 - eta_b) * x0 + eta_b * spec.ybar + rest * z
+        state_noisier = spec.observed & (s * sig >= sy)
+        state_cleaner = spec.observed & ~state_noisier
+        out = torch.where(state_cleaner, cleaner, unobserved)
+        return torch.where(state_noisier, noisier, out)
