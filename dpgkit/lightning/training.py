@@ -329,6 +329,7 @@ def fit_main(argv: Sequence[str] | None = None) -> None:
     """`dpgkit fit --config recipe.yaml [--trainer.max_steps N ...]`: LightningCLI's `fit`."""
     from lightning.pytorch.cli import LightningCLI
 
+    # None: LightningCLI reads sys.argv itself (`python -m dpgkit.lightning.training fit ...`)
     args = list(argv) if argv is not None else None
     if args is not None and (not args or args[0] != "fit"):
         args = ["fit", *args]
@@ -344,6 +345,4 @@ def fit_main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    fit_main(sys.argv[1:])
+    fit_main()
