@@ -106,6 +106,20 @@ def test_ddnm_reproduces_observed_pixels_without_noise(plus):
     assert (out - x)[~observed].abs().max() > 1e-3  # the rest is generated, not copied
 
 
+@pytest.mark.parametrize("problem", ["inpainting", "sr"])
+@pytest.mark.parametrize("method", ["ddrm", "ddnm+"])
+def test_noiseless_outputs_fit_the_measurement(problem, method):
+    """sigma_y = 0: the last step puts every observed spectral coordinate on y-bar, so A(x) = y."""
+    prior = gmm_prior()
+    task = dk.Task(make_operator(problem), dk.noise.Noiseless())
+    x = (0.5 * prior.sample(4, torch.Generator().manual_seed(8))).float()
+    y = task.measure(x, seed=0)
+    solver = DDRM(steps=10) if method == "ddrm" else DDNM(plus=True, steps=20, travel_length=2, travel_repeat=2)
+    out = solver.restore(prior.as_model(), task, y)
+    assert out.abs().max() < 1  # nothing clipped, so the check below sees the chain's own output
+    assert (task.operator(out) - y).abs().max() <= 1e-5
+
+
 def test_reddiff_objective_decreases():
     """From a random start (mu = the x_T draw), the RED energy (data term + denoiser residual, see
     RedDiffStepInfo) falls by more than 10x, and the data term ends near the noise level."""
@@ -133,6 +147,11 @@ def test_travel_schedule():
     assert all(abs(a - b) == 1 for a, b in zip(order, order[1:]))
     with pytest.raises(ValueError, match=">= 1"):
         travel_schedule(10, 0, 2)
+    # defaults: DDNM+ travels 10 x 3 where the chain is long enough, plain DDNM never
+    assert (DDNM().travel_length, DDNM().travel_repeat) == (10, 3)
+    assert (DDNM(steps=10).travel_length, DDNM(plus=False).travel_repeat) == (1, 1)
+    with pytest.raises(ValueError, match="shorter than the chain"):
+        DDNM(steps=5, travel_length=10, travel_repeat=2)
 
 
 def per_item_task(batch: int) -> tuple[dk.Task, torch.Tensor]:

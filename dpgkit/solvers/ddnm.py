@@ -61,7 +61,8 @@ class DDNM(Solver):
             paper ran it for deblurring).
         steps: evenly strided DDIM steps (published: 100).
         eta: the DDIM noise fraction (published: 0.85).
-        travel_length, travel_repeat: time travel (default 10 and 3 for DDNM+, none for DDNM).
+        travel_length, travel_repeat: time travel (default 10 and 3 for DDNM+ with more than 10
+            steps, none for DDNM).
         s_min: singular values below it are treated as 0, so A^+ leaves those directions alone
             (3e-2, as the DDRM H-functions that DDNM's code uses for deblurring).
         clip: clip x0 to [-1, 1] inside the chain (the DDNM code does not; the output is clipped).
@@ -76,8 +77,10 @@ class DDNM(Solver):
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         self.plus, self.steps, self.eta, self.clip = bool(plus), int(steps), float(eta), clip
         self.s_min = float(s_min)
-        self.travel_length = int(travel_length if travel_length is not None else (10 if plus else 1))
-        self.travel_repeat = int(travel_repeat if travel_repeat is not None else (3 if plus else 1))
+        # DDNM+'s default travel needs a chain longer than its jump; a short chain runs without it
+        travel = plus and travel_length is None and travel_repeat is None and self.steps > 10
+        self.travel_length = int(travel_length if travel_length is not None else (10 if travel else 1))
+        self.travel_repeat = int(travel_repeat if travel_repeat is not None else (3 if travel else 1))
         travel_schedule(self.steps, self.travel_length, self.travel_repeat)  # validates
 
     def __repr__(self) -> str:
