@@ -127,6 +127,8 @@ _LPIPS_BACKBONES = {
         "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
     ),
 }
+# below these sizes the backbones' pooling runs out of pixels
+_LPIPS_MIN_SIZE = {"vgg": 16, "alex": 31}
 _LPIPS_ALIASES = {"vgg": "vgg", "vgg16": "vgg", "alex": "alex", "alexnet": "alex"}
 
 
@@ -212,6 +214,12 @@ class LPIPS(nn.Module):
         _check_pair(x, y)
         if x.shape[1] != 3:
             raise ValueError(f"LPIPS expects RGB images (3 channels), found {x.shape[1]}")
+        smallest = _LPIPS_MIN_SIZE[self.net_name]
+        if min(x.shape[-2:]) < smallest:
+            raise ValueError(
+                f"LPIPS-{self.net_name} needs images of at least {smallest} x {smallest} pixels, "
+                f"found {tuple(x.shape[-2:])}"
+            )
         with torch.no_grad():
             return self.model(x, y, normalize=True).flatten()
 
