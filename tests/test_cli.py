@@ -119,6 +119,7 @@ def test_outputs_metrics_and_summary(single):
     assert summary["metrics"]["psnr"]["mean"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
     assert summary["metrics"]["lpips"] is None or summary["metrics"]["lpips"]["count"] == 6
     assert "DPG(scale=5.0" in summary["run"]["solver"] and summary["world_size"] == 1
+    assert (summary["method"], summary["task"]) == ("DPG DDIM", "SuperResolution")  # default labels
     assert (out / "config.yaml").is_file()
     # the table, and a progress bar counted in images with the running PSNR
     assert "PSNR (dB)" in printed and "broken.png" in printed
@@ -141,6 +142,15 @@ def test_resume_recomputes_only_missing_items(single, tmp_path):
     for name in NAMES:  # the recomputed ones come out the same: everything is seeded per item
         assert (out / "recon" / f"{name}.png").read_bytes() == (first / "recon" / f"{name}.png").read_bytes()
     assert len(_rows(out)) == 6
+
+    # nothing left to do (a glob of done items): the loop runs no batch, the summary is still
+    # rebuilt for the items asked for, and no file is touched
+    stamps = {n: (out / "recon" / f"{n}.png").stat().st_mtime_ns for n in NAMES}
+    run_cli(str(first.parent / "tiny.yaml"), "--out_dir", str(out), "--data.glob", "r*.png")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restored_now"] == 0 and summary["restored_before"] == 3 and summary["num_bad"] == 0
+    assert [r["name"] for r in _rows(out)] == ["rgb0", "rgb1", "rgba"]
+    assert stamps == {n: (out / "recon" / f"{n}.png").stat().st_mtime_ns for n in NAMES}
 
 
 def test_two_process_ddp_writes_the_same_pixels(single, data):

@@ -32,7 +32,7 @@ def _png(path, h=16, w=16, seed=0, mode="RGB"):
 def module():
     solver = DPG(scale=5.0, num_samples=16, sampler="ddim", steps=4)
     m = RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), solver, seed=3, lpips=None)
-    m.configure_model()
+    m.build_prior()
     return m
 
 
@@ -170,6 +170,11 @@ def test_module_checks_its_parts():
         RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), solver="dpg")
     with pytest.raises(TypeError, match="prior"):
         RestorationModule("adm-imagenet256", SuperResolution(2), Gaussian(0.05), DPG(1.0))
+    with pytest.raises(ValueError, match="colour"):
+        RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), DPG(1.0), labels={"colour": "red"})
+    m = RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), DPG(1.0, sampler="ddim"),
+                          labels={"dataset": "FFHQ"})
+    assert m.labels == {"dataset": "FFHQ", "task": "SuperResolution", "method": "DPG DDIM"}
 
 
 def test_predict_needs_autograd(module):

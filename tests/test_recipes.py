@@ -107,9 +107,14 @@ def test_recipe_instantiates_with_published_settings(recipe):
     assert isinstance(noise, Poisson if poisson else Gaussian)
     assert (noise.rate == 1.0) if poisson else (noise.sigma == 0.05)
     assert module.seed == 0
+    # the labels `dpgkit evaluate` puts in its table
+    method = "DPS" if kind == "dps" else f"DPG {sampler.upper()}"
+    dataset_label = {"ffhq": "FFHQ", "imagenet": "ImageNet", "lsun": "LSUN bedroom"}[dataset]
+    assert module.labels["method"] == method and module.labels["dataset"] == dataset_label
+    assert module.labels["task"].endswith("(Poisson)") == poisson
 
     # the stand-in prior builds without weights; the operator works at the paper's image size
-    module.configure_model()
+    module.build_prior()
     assert module.diffusion.image_shape == (3, 16, 16)
     shape = measured_shape(repr(module.task.template), module.task.template)
     assert shape == ((1, 3, 64, 64) if task == "sr" else (1, 3, 256, 256))
@@ -134,4 +139,4 @@ def test_recipe_overrides_and_missing_checkpoint(tmp_path):
             "--trainer.accelerator", "cpu"]
     module = PredictCLI(args=args, run=False).model
     with pytest.raises(FileNotFoundError, match="256x256_diffusion_uncond.pt.*openaipublic"):
-        module.configure_model()
+        module.build_prior()

@@ -164,13 +164,16 @@ class RestorationModule(pl.LightningModule):
             Reported as unavailable (with the file it needs) when its weights are not on disk.
         lpips_weights: path of the backbone weights (default: the torch hub cache).
         step_progress: also show the solver's per-step bar (default: only the bar over images).
+        labels: "dataset", "task" and "method" as `dpgkit evaluate` shows them in its table
+            (defaults: none, the operator's class, and the solver with its sampler).
 
     The Trainer must be built with `inference_mode=False`: guidance differentiates through the
     prior. `predict_step` returns a dict that `PredictionWriter` writes (CPU tensors).
     """
 
     def __init__(self, prior: Prior, operator: Operator, noise: NoiseModel, solver: Solver, seed: int = 0,
-                 lpips: str | None = "vgg", lpips_weights: str | None = None, step_progress: bool = False) -> None:
+                 lpips: str | None = "vgg", lpips_weights: str | None = None, step_progress: bool = False,
+                 labels: dict[str, str] | None = None) -> None:
         super().__init__()
         if isinstance(prior, DiffusionModel):
             prior = _Given(prior)
@@ -186,6 +189,12 @@ class RestorationModule(pl.LightningModule):
         self.seed = int(seed)
         self.lpips_net, self.lpips_weights = lpips, lpips_weights
         self.step_progress = step_progress
+        unknown = sorted(set(labels or {}) - {"dataset", "task", "method"})
+        if unknown:
+            raise ValueError(f"labels may name dataset, task and method; got {unknown}")
+        sampler = getattr(solver, "sampler", "")
+        method = type(solver).__name__ + (f" {sampler.upper()}" if sampler else "")
+        self.labels = {"dataset": "", "task": type(operator).__name__, "method": method, **(labels or {})}
         self.diffusion: DiffusionModel | None = None
         self.lpips_metric: metrics.LPIPS | None = None
         self.lpips_status = "disabled (model.lpips is null)" if lpips is None else "not checked yet"
@@ -194,12 +203,15 @@ class RestorationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ set-up
 
-    def configure_model(self) -> None:
-        """Build the prior once (Lightning calls this before moving the module to its device)."""
+    def build_prior(self) -> None:
+        """Build the prior once. Called from `setup`, before Lightning moves the module to its device
+        (not from `configure_model`, whose default-device context would put the CPU-seeded random
+        init and the checkpoint loading on the accelerator)."""
         if self.diffusion is None:
             self.diffusion = self.prior.build()
 
     def setup(self, stage: str) -> None:
+        self.build_prior()
         if self.lpips_net is not None and self.lpips_metric is None:
             ok, reason = metrics.lpips_available(self.lpips_net, self.lpips_weights)
             if ok:
@@ -237,7 +249,7 @@ class RestorationModule(pl.LightningModule):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("build the Trainer with inference_mode=False: guidance differentiates through the "
                                "prior (the dpgkit CLI does this)")
-        self.configure_model()
+        self.build_prior()
         self.reset_running()
 
     def reset_running(self) -> None:
@@ -269,7 +281,7 @@ class RestorationModule(pl.LightningModule):
                                "notes": list(batch.get("notes", [[] for _ in names])), "bad": bad}
         if not names:
             return out
-        self.configure_model()
+        self.build_prior()
         indices = [int(i) for i in batch["index"]]
         start = time.perf_counter()
         x = batch.get("x")
@@ -328,8 +340,9 @@ class RestorationModule(pl.LightningModule):
 
     def describe(self) -> dict[str, str]:
         """What ran, for the summary."""
-        return {"prior": repr(self.prior), "operator": repr(self.task.template), "noise": repr(self.task.noise),
-                "solver": repr(self.solver), "seed": str(self.seed), "lpips": self.lpips_status}
+        return {**self.labels, "prior": repr(self.prior), "operator": repr(self.task.template),
+                "noise": repr(self.task.noise), "solver": repr(self.solver), "seed": str(self.seed),
+                "lpips": self.lpips_status}
 
 
 def _is_inpainting(operator: Operator) -> bool:

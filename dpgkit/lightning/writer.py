@@ -208,6 +208,8 @@ class PredictionWriter(BasePredictionWriter):
         describe = getattr(pl_module, "describe", None)
         if callable(describe):
             summary["run"] = describe()
+        # the labels `dpgkit evaluate` reads to place the run in its table
+        summary.update(getattr(pl_module, "labels", None) or {})
         write_json(summary, self.out_dir / "summary.json")
         return summary
 
