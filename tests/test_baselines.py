@@ -9,6 +9,7 @@ the prior's about 0.25-0.3, so "closer than the prior" is decided far above the 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,16 @@ def test_baseline_recipe_instantiates_and_applies(recipe):
     else:
         spec = spectral_problem(method, module.task, y, shape)
         assert spec.observed.any()
+
+
+def test_a_view_that_differs_from_the_operator_is_flagged():
+    """A reflect-padded blur's SVD view is the circular blur: DDRM says so; the circular one is exact."""
+    model = gmm_prior().as_model()
+    x = torch.zeros(1, *SHAPE)
+    reflect = dk.Task(dk.operators.Blur(dk.operators.gaussian_kernel(3, 0.8)), dk.noise.Gaussian(0.05))
+    with pytest.warns(RuntimeWarning, match="differs from the operator"):
+        DDRM(steps=2).restore(model, reflect, reflect.measure(x))
+    circular = dk.Task(make_operator("blur"), dk.noise.Gaussian(0.05))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DDRM(steps=2).restore(model, circular, circular.measure(x))

@@ -16,6 +16,7 @@ an SVD view and Gaussian (or no) noise.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,9 +98,30 @@ def spectral_problem(method: str, task: Task, y: Tensor, image_shape: Sequence[i
     s = torch.nn.functional.pad(torch.where(s >= s_min, s, torch.zeros_like(s)), (0, dim - rank))
     uty = svd.ut(y.flatten(1))[:, :rank]
     uty = torch.nn.functional.pad(uty, (0, dim - rank))
+    _check_view(method, op, svd, y, image_shape)
     spec = Spectral(svd, s, uty, uty, float(noise.sigma))
     spec.ybar = torch.where(spec.observed, uty / spec.safe_s(), torch.zeros_like(uty))
     return spec
+
+
+def _check_view(method: str, op: LinearOperator, svd: SVDView, y: Tensor, image_shape: Sequence[int]) -> None:
+    """Warn when U diag(s) V^T is not the operator (a reflect-padded blur's view is circular)."""
+    probe = torch.randn(y.shape[0], *image_shape, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=y.device, dtype=y.dtype)
+    with torch.no_grad():
+        direct = op(probe).flatten(1)
+        via_svd = svd.apply(probe.flatten(1))
+    if via_svd.shape != direct.shape:
+        raise ValueError(f"the SVD view of {type(op).__name__} gives measurements of shape "
+                         f"{tuple(via_svd.shape)}, the operator {tuple(direct.shape)}")
+    gap = float((via_svd - direct).norm() / direct.norm().clamp_min(1e-12))
+    if gap > 1e-3:
+        warnings.warn(
+            f"{method}: the SVD view of {op!r} differs from the operator by {gap:.1%} (relative), e.g. "
+            "a reflect-padded blur whose view is circular; the method fits y with the view's model, "
+            "so expect artefacts where they differ (a blur with padding='circular' matches exactly)",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 class DDRM(Solver):

@@ -7,7 +7,8 @@ At timestep t, with x_t = sqrt(abar_t) mu + sqrt(1 - abar_t) eps, eps ~ N(0, I),
 
 lambda_t = lambda * sigma_t / alpha_t = lambda * sqrt(1 - abar_t) / sqrt(abar_t) (the "linear" SNR
 weighting of the authors' code). The terms are per-image means (M measurements, D pixels), as
-in that code, so lambda keeps its meaning at any image size. The network is never
+in that code, so lambda keeps its meaning at any image size; sigma_y does not enter the loss (as
+in that code: lambda is the knob that trades fit for prior, tuned there at sigma_y = 0.05). The network is never
 differentiated (stop-gradient); A is, so it must be differentiable. Each image's loss is its own:
 Adam's per-coordinate state keeps the images of a batch independent.
 """
