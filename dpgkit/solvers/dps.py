@@ -27,7 +27,7 @@ def require_differentiable(task: Task, method: str) -> None:
 
 
 class DPS(Solver):
-    """DPS with step size `scale` (zeta; the DPS configs use 1.0 for most tasks, 0.3-0.4 for SR)."""
+    """DPS with step size `scale` (zeta; the published per-task values are in the recipes)."""
 
     name = "dps"
 
