@@ -85,7 +85,7 @@ class DDNM(Solver):
 
     def __repr__(self) -> str:
         return (f"DDNM(plus={self.plus}, steps={self.steps}, eta={self.eta}, "
-                f"travel_length={self.travel_length}, travel_repeat={self.travel_repeat})")
+                f"travel_length={self.travel_length}, travel_repeat={self.travel_repeat}, s_min={self.s_min})")
 
     def restore(
         self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,

@@ -142,7 +142,7 @@ class DDRM(Solver):
         self.s_min = float(s_min)
 
     def __repr__(self) -> str:
-        return f"DDRM(steps={self.steps}, eta={self.eta}, eta_b={self.eta_b})"
+        return f"DDRM(steps={self.steps}, eta={self.eta}, eta_b={self.eta_b}, s_min={self.s_min})"
 
     def restore(
         self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
