@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU check of the fused guidance kernels, in one command, inside 8 minutes:
+#   bash benchmarks/gpu_check.sh
+# 1. makes dpgkit importable (pip install -e . --no-deps, offline) if it is not;
+# 2. runs the kernel tests compiled on the GPU (tests/kernels, at most 120 s);
+# 3. runs benchmarks/gpu_check.py (at most 320 s): checks against the reference on the GPU,
+#    times eager / chunked / fused and one DPG step of the ADM ImageNet preset (fp32, bf16),
+#    writes benchmarks/results/<gpu-name>.json (and $OUT/<gpu-name>.json when OUT is set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null || PY=python
+
+"$PY" - <<'PYEOF'
+import torch
+assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA device"
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__)
+PYEOF
+
+if ! "$PY" -c "import dpgkit.kernels" 2>/dev/null; then
+    echo "installing dpgkit (editable, no dependencies)"
+    timeout 120 "$PY" -m pip install --no-deps --no-build-isolation -q -e . \
+        || timeout 120 "$PY" -m pip install --no-deps -q -e .
+fi
+
+STATUS="$(mktemp)"
+set +e
+timeout 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels
+echo $? > "$STATUS"
+set -e
+echo "kernel tests exit code: $(cat "$STATUS")"
+
+timeout 330 "$PY" benchmarks/gpu_check.py --budget 300 --pytest-status "$STATUS"
