@@ -18,11 +18,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
+from .io import load_image
 from .metrics import FID, LPIPS, MetricUnavailable, load_fid_inception, psnr, ssim
 
 __all__ = ["evaluate_run", "evaluate_runs", "format_table", "load_png", "main"]
@@ -31,12 +30,8 @@ _METRICS = ("fid", "lpips", "psnr", "ssim")
 
 
 def load_png(path: str | Path) -> Tensor:
-    """An 8-bit RGB or grey PNG as a (3, H, W) float32 tensor in [0, 1]."""
-    with Image.open(path) as im:
-        if im.mode not in ("RGB", "L"):
-            raise ValueError(f"{path}: expected an 8-bit RGB or grey image, found mode {im.mode}")
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    """A saved PNG as a (3, H, W) float32 tensor in [0, 1] (through dpgkit.io, the one image reader)."""
+    return (load_image(path, channels=3)[0] + 1) / 2
 
 
 def _pairs(run_dir: Path) -> list[tuple[Path, Path]]:
@@ -44,15 +39,16 @@ def _pairs(run_dir: Path) -> list[tuple[Path, Path]]:
     for d in (recon_dir, label_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"{run_dir}: expected a folder {d.name}/ of PNGs, not found")
-    recons = sorted(recon_dir.glob("*.png"))
-    if not recons:
+    # nested names (ImageNet's class folders) mirror the dataset's layout
+    names = sorted(p.relative_to(recon_dir) for p in recon_dir.rglob("*.png"))
+    if not names:
         raise FileNotFoundError(f"{recon_dir}: expected PNG files, found none")
-    missing = [p.name for p in recons if not (label_dir / p.name).is_file()]
+    missing = [str(n) for n in names if not (label_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{label_dir}: expected a ground truth for every restoration, missing {missing[:5]}"
         )
-    return [(p, label_dir / p.name) for p in recons]
+    return [(recon_dir / n, label_dir / n) for n in names]
 
 
 def _batches(pairs: list[tuple[Path, Path]], size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -137,7 +137,7 @@ def test_fid_over_batches_equals_the_reference_on_the_features(runs):
     rows, _ = E.evaluate_runs([run], lpips_net=None, fid_feature=_MeanStd(), batch_size=2)
     to01 = lambda ims: torch.stack([torch.from_numpy(a).permute(2, 0, 1).double() / 255 for a in ims])
     fr, ff = _MeanStd()(to01(labels)).numpy(), _MeanStd()(to01(recons)).numpy()
-    assert rows[0]["fid"] == pytest.approx(_fid_ref(fr, ff), rel=1e-6)
+    assert rows[0]["fid"] == pytest.approx(_fid_ref(fr, ff), rel=1e-5)  # float32 pixels through [-1, 1]
     assert rows[0]["fid"] > 1e-4
 
 
