@@ -7,11 +7,17 @@ partial per (block, sample). The partials are summed in float64 in a fixed order
 energies; rewards, leave-one-out weights and normaliser are the reference's own functions on that
 N-vector. Pass 2, per (element block, sample split): regenerate the same eps and accumulate
 sum_i w_i eps_i over the split's sample tiles in a fixed order; the splits are summed in float64.
-No atomics, and the block and split sizes depend only on (N, D): the same seed gives the same bits.
+No atomics, and the launch shapes depend only on (N, D) and the config, never on the GPU: the same
+seed gives the same bits.
 
 The noise is `kernels.philox.philox_normal`: Philox4x32-10 of the counter (element, sample, 0, 0)
 under the 64-bit seed, the first two words to uniforms, Box-Muller's cosine branch. It agrees with
-the torch definition up to the last bits of log and cos (about 5e-7).
+the torch definition up to the last bits of log and cos (about 5e-7; see FusedConfig.fast_math).
+
+Why the residual is formed directly rather than as ||e||^2 - 2r <A^T e, eps> + r^2 ||A eps||^2: with
+A a gather of fan-in K, A eps costs the same K draws per output either way, the direct form is the
+more accurate one, and it is the only one valid for L1 (Poisson). Blur (a wide dense stencil,
+about 2 x 61 taps per output even when separable) is not fused: it falls back to chunked.
 
 On CUDA tensors the kernels are compiled. On CPU tensors they need Triton's interpreter, which is
 chosen when `triton` is first imported with TRITON_INTERPRET=1 (a correctness path, not a fast one).
@@ -26,7 +32,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra.cuda import libdevice
+
+try:  # where Triton 3.x keeps CUDA's approximate math
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover - other Triton layouts
+    from triton.language.extra import libdevice
 
 from .fusion import GatherPlan, apply_plan, energy_kind
 from .reference import direction_from_energies
