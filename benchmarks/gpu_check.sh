@@ -2,8 +2,8 @@
 # The GPU check of the fused guidance kernels, in one command, inside 8 minutes:
 #   bash benchmarks/gpu_check.sh
 # 1. makes dpgkit importable (pip install -e . --no-deps, offline) if it is not;
-# 2. runs the kernel tests compiled on the GPU (tests/kernels, at most 120 s);
-# 3. runs benchmarks/gpu_check.py (at most 320 s): checks against the reference on the GPU,
+# 2. runs the kernel tests compiled on the GPU (tests/kernels, at most 150 s);
+# 3. runs benchmarks/gpu_check.py (at most 300 s): checks against the reference on the GPU,
 #    times eager / chunked / fused and one DPG step of the ADM ImageNet preset (fp32, bf16),
 #    writes benchmarks/results/<gpu-name>.json (and $OUT/<gpu-name>.json when OUT is set).
 set -euo pipefail
@@ -19,15 +19,21 @@ PYEOF
 
 if ! "$PY" -c "import dpgkit.kernels" 2>/dev/null; then
     echo "installing dpgkit (editable, no dependencies)"
-    timeout 120 "$PY" -m pip install --no-deps --no-build-isolation -q -e . \
-        || timeout 120 "$PY" -m pip install --no-deps -q -e .
+    if ! timeout 120 "$PY" -m pip install --no-deps --no-build-isolation -q -e .; then
+        # offline without a build backend: link kernels/ in as dpgkit/kernels for this run
+        echo "pip failed: linking kernels/ as dpgkit/kernels until the check ends"
+        ln -s ../kernels dpgkit/kernels
+        trap 'rm -f dpgkit/kernels' EXIT
+    fi
+    "$PY" -c "import dpgkit.kernels"
 fi
 
 STATUS="$(mktemp)"
 set +e
-timeout 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/kernels
+# addopts cleared: pytest-benchmark may be missing there
+timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider -o addopts="" tests/kernels
 echo $? > "$STATUS"
 set -e
 echo "kernel tests exit code: $(cat "$STATUS")"
 
-timeout 330 "$PY" benchmarks/gpu_check.py --budget 300 --pytest-status "$STATUS"
+timeout 300 "$PY" benchmarks/gpu_check.py --budget 270 --pytest-status "$STATUS"
