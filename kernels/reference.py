@@ -29,7 +29,7 @@ from .philox import philox_normal
 
 NoiseStream = Callable[[int, int, int, int, "torch.device | str"], Tensor]
 
-__all__ = ["torch_normal", "philox_normal", "NoiseStream", "log_rewards", "loo_weights",
+__all__ = ["torch_normal", "weighted_sum", "philox_normal", "NoiseStream", "log_rewards", "loo_weights",
            "direction_from_energies", "dpg_direction_eager", "dpg_direction_batched",
            "dpg_direction_chunked"]
 
@@ -46,13 +46,32 @@ def torch_normal(seed: int, sample_start: int, num_samples: int, numel: int,
     on every machine of one device type.
     """
     device = torch.device(device)
-    first, last = sample_start // STREAM_BLOCK, (sample_start + num_samples - 1) // STREAM_BLOCK
-    blocks = []
-    for k in range(first, last + 1):
+    out = torch.empty(num_samples, numel, device=device)
+    end = sample_start + num_samples
+    for k in range(sample_start // STREAM_BLOCK, (end - 1) // STREAM_BLOCK + 1):
         gen = torch.Generator(device=device).manual_seed((seed + k * 0x9E3779B97F4A7C15) % 2**63)
-        blocks.append(torch.randn(STREAM_BLOCK, numel, generator=gen, device=device))
-    offset = sample_start - first * STREAM_BLOCK
-    return torch.cat(blocks)[offset : offset + num_samples]
+        lo, hi = k * STREAM_BLOCK, (k + 1) * STREAM_BLOCK
+        if sample_start <= lo and hi <= end:  # a whole block: draw it in place
+            torch.randn(STREAM_BLOCK, numel, generator=gen, device=device,
+                        out=out[lo - sample_start : hi - sample_start])
+        else:
+            block = torch.randn(STREAM_BLOCK, numel, generator=gen, device=device)
+            a, b = max(lo, sample_start), min(hi, end)
+            out[a - sample_start : b - sample_start] = block[a - lo : b - lo]
+    return out
+
+
+def weighted_sum(w: Tensor, eps: Tensor) -> Tensor:
+    """sum_i w_i eps_i in float64, (n,) x (n, D) -> (D,) (or batched (B, n) x (B, n, D) -> (B, D)).
+
+    Taken STREAM_BLOCK samples at a time: float64 accuracy (so the result does not depend on how
+    the samples were chunked) without a float64 copy of the whole noise.
+    """
+    acc = None
+    for s in range(0, eps.shape[-2], STREAM_BLOCK):
+        part = torch.matmul(w[..., None, s : s + STREAM_BLOCK], eps[..., s : s + STREAM_BLOCK, :].double())[..., 0, :]
+        acc = part if acc is None else acc + part
+    return acc
 
 
 def log_rewards(energies: Tensor, z: Tensor, shift: Tensor) -> Tensor:
@@ -102,7 +121,7 @@ def dpg_direction_eager(
         rr = float(r)
         energies = _energies(x0hat, y, operator, noise, rr, eps)
         w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
-        v = -(w @ eps.double()) / rr
+        v = -weighted_sum(w, eps) / rr
         return v.view_as(x0hat).to(x0hat.dtype), m
 
 
@@ -124,7 +143,7 @@ def dpg_direction_chunked(
         v = torch.zeros(d, device=x0hat.device, dtype=torch.float64)
         for s in starts:
             n = min(chunk_size, num_samples - s)
-            v += w[s : s + n] @ stream(seed, s, n, d, x0hat.device).double()
+            v += weighted_sum(w[s : s + n], stream(seed, s, n, d, x0hat.device))
         return (-v / rr).view_as(x0hat).to(x0hat.dtype), m
 
 
@@ -157,5 +176,5 @@ def dpg_direction_batched(
         v = torch.zeros(b, d, device=x0hat.device, dtype=torch.float64)
         for s in starts:
             n = min(chunk_size, num_samples - s)
-            v += torch.einsum("bn,bnd->bd", w[:, s : s + n], chunk(s, n).double())
+            v += weighted_sum(w[:, s : s + n], chunk(s, n))
         return (-v / r.double().view(b, 1)).view_as(x0hat).to(x0hat.dtype), m

@@ -224,3 +224,14 @@ def test_random_template_must_be_drawn_first():
     task = dk.Task(RandomOp(torch.ones(1, 1, 4, 4)), dk.noise.Gaussian(0.05))
     with pytest.raises(ValueError, match="task.measure"):
         DPG(**FAST).restore(gaussian_model(), task, torch.zeros(1, *SHAPE))
+
+
+def test_noise_stream_does_not_depend_on_chunking():
+    from dpgkit.kernels.reference import torch_normal, weighted_sum
+
+    whole = torch_normal(7, 0, 200, 33)
+    for size in (1, 13, 64, 100):
+        parts = torch.cat([torch_normal(7, s, min(size, 200 - s), 33) for s in range(0, 200, size)])
+        assert torch.equal(parts, whole)
+    w = torch.randn(200, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(weighted_sum(w, whole), w @ whole.double(), rtol=1e-12, atol=1e-12)
