@@ -47,7 +47,7 @@ def solver_factories(steps: int) -> dict[str, tuple[Callable[[float], object], l
 
         methods["DDRM"] = (lambda s: DDRM(steps=20), [0.0])
         methods["DDNM+"] = (lambda s: DDNM(plus=True, steps=steps), [0.0])
-        methods["RED-Diff"] = (lambda s: RedDiff(steps=steps * 2, lambda_=s), [0.05, 0.25, 1.0])
+        methods["RED-Diff"] = (lambda s: RedDiff(steps=100, lambda_=s), [0.05, 0.25, 1.0])
     except ImportError:
         pass
     return methods
@@ -127,8 +127,27 @@ def render(results: dict, args) -> str:
             else:
                 cells.append(f"{row['swd']:.4f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## What it says", "", "<!-- verdict -->", ""]
+    lines += ["", "## What it says", "", *summary_lines(results), ""]
+    reading = Path(__file__).with_name("exact_posterior_reading.md")
+    if reading.exists():
+        lines += [reading.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Facts computed from the numbers: the best sampler per problem, and DPG vs DPS."""
+    out = []
+    for name, res in results.items():
+        swd = {m: r["swd"] for m, r in res["swd"].items() if "swd" in r and "scale" in r}
+        best = min(swd, key=swd.get)
+        cos = res["cosine"]
+        early = {m: sum(c[:3]) / 3 for m, c in cos.items()}
+        out.append(
+            f"- {name}: closest to the posterior: **{best}** ({swd[best]:.4f}); DPG N=100 {swd['DPG N=100']:.4f} vs "
+            f"DPS {swd['DPS']:.4f}; mean cosine at t >= 600: DPS {early['DPS']:.3f}, DPG N=1000 "
+            f"{early['DPG N=1000']:.3f}, N=100 {early['DPG N=100']:.3f}, N=10 {early['DPG N=10']:.3f}"
+        )
+    return out
 
 
 def main() -> None:
