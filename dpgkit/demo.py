@@ -35,9 +35,9 @@ DEMO_IMAGES = Path(__file__).parent / "data" / "demo_fashion32"
 
 # Solver settings tuned for the 32x32 demo prior (see recipes/demo.yaml); DDIM keeps it in CPU time.
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "inpaint_box": {"dps": {"scale": 1.0}, "dpg": {"scale": 8.0}},
-    "sr_x4": {"dps": {"scale": 1.0}, "dpg": {"scale": 8.0}},
-    "deblur_gauss": {"dps": {"scale": 1.0}, "dpg": {"scale": 8.0}},
+    "inpaint_box": {"dps": {"scale": 0.1}, "dpg": {"scale": 0.6}},
+    "sr_x4": {"dps": {"scale": 0.1}, "dpg": {"scale": 0.6}},
+    "deblur_gauss": {"dps": {"scale": 0.05}, "dpg": {"scale": 0.6}},
 }
 DEMO_STEPS = 50
 DEMO_NUM_SAMPLES = 200
