@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dpgkit.lightning.training import (
@@ -103,13 +104,17 @@ def test_fit_runs_a_few_steps_and_exports_loadable_ema_weights(tmp_path):
     for k in range(8):
         Image.fromarray(rng.integers(0, 256, size=(8, 8), dtype=np.uint8)).save(data / f"{k}.png")
     out = tmp_path / "ema.safetensors"
-    unet_args = [f"--model.unet={TINY_UNET!r}".replace("'", '"').replace("False", "false")]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"unet": TINY_UNET, "warmup_steps": 1, "export_path": str(out)},
+        "data": {"source": str(data), "image_size": 8, "channels": 1, "batch_size": 4},
+    }))
+    # `dpgkit fit RECIPE.yaml --key value`: the recipe given positionally, overrides after it
     fit_main([
-        "fit", *unet_args, f"--data.source={data}", "--data.image_size=8", "--data.channels=1",
-        "--data.batch_size=4", "--trainer.max_steps=3", "--trainer.logger=false",
+        str(recipe), "--trainer.max_steps=3", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.accelerator=cpu", f"--model.export_path={out}", "--model.warmup_steps=1",
+        "--trainer.accelerator=cpu",
     ])
     assert out.is_file()
     model = load(TINY_UNET, checkpoint=out)

@@ -326,13 +326,20 @@ def ema_state(module: DiffusionTrainingModule) -> Mapping[str, Tensor]:
 
 
 def fit_main(argv: Sequence[str] | None = None) -> None:
-    """`dpgkit fit --config recipe.yaml [--trainer.max_steps N ...]`: LightningCLI's `fit`."""
+    """`dpgkit fit [--config] recipe.yaml [--trainer.max_steps N ...]`: LightningCLI's `fit`.
+
+    argv may start with "fit" or not. DPGKIT_THREADS=n sets torch's intra-op threads (on a
+    shared CPU, 1 thread per process avoids oversubscription; use --trainer.devices 2
+    --trainer.strategy ddp for two processes).
+    """
     from lightning.pytorch.cli import LightningCLI
 
     # None: LightningCLI reads sys.argv itself (`python -m dpgkit.lightning.training fit ...`)
     args = list(argv) if argv is not None else None
     if args is not None and (not args or args[0] != "fit"):
         args = ["fit", *args]
+    if args is not None and len(args) >= 2 and args[1].endswith((".yaml", ".yml")):
+        args = ["fit", "--config", *args[1:]]  # `dpgkit fit RECIPE.yaml ...`: positional recipe
     if os.environ.get("DPGKIT_THREADS"):
         torch.set_num_threads(int(os.environ["DPGKIT_THREADS"]))
     LightningCLI(
