@@ -1,6 +1,6 @@
 """The offline demo: restore 8 held-out Fashion-MNIST images with the embedded prior.
 
-    python -m dpgkit.demo [OUT_DIR]
+    python -m dpgkit.demo [recipes/demo.yaml] [--out_dir DIR]
 
 Three tasks (box inpainting, super-resolution x4, Gaussian deblurring; measurement noise
 sigma_y = 0.05), each solved with DPS and DPG, with the `demo-fashion32` prior that ships in the
@@ -29,7 +29,10 @@ from .operators import GaussianBlur, Inpainting, SuperResolution
 from .solvers import DPG, DPS
 from .task import Task
 
-__all__ = ["DEMO_IMAGES", "DEMO_SETTINGS", "degraded_view", "demo_images", "demo_tasks", "psnr", "run_demo"]
+__all__ = [
+    "DEMO_IMAGES", "DEMO_SETTINGS", "degraded_view", "demo_images", "demo_tasks", "load_demo_prior",
+    "psnr", "run_demo", "run_recipe", "sample_prior",
+]
 
 DEMO_IMAGES = Path(__file__).parent / "data" / "demo_fashion32"
 
