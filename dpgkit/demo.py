@@ -81,13 +81,6 @@ def degraded_view(task: Task, y: Tensor, image_shape: Sequence[int]) -> Tensor:
     return y.clamp(-1, 1)
 
 
-def _drawn_is_fixed(task: Task) -> None:
-    # TEMPORARY: `Inpainting.random` (a staticmethod) shadows the `random` flag, so a drawn mask
-    # looks like an undrawn template to the solvers; the drawn operator is fixed by construction.
-    if not isinstance(getattr(task.operator, "random", False), bool):
-        task.operator.random = False
-
-
 def psnr(x: Tensor, ref: Tensor) -> Tensor:
     """Per-image PSNR (dB) of x against ref, both (B, C, H, W) in [-1, 1] (peak-to-peak 2)."""
     mse = (x.clamp(-1, 1) - ref).square().flatten(1).mean(1)
@@ -213,7 +206,6 @@ def run_demo(
     for name in chosen:
         task = all_tasks[name]
         y = task.measure(x, seed=seed, indices=indices)
-        _drawn_is_fixed(task)
         degraded = degraded_view(task, y, x.shape)
         panels[name] = {"input": degraded, "truth": x}
         scores[name] = {"input": psnr(degraded, x)}

@@ -101,6 +101,17 @@ def _recipe_as_config(argv: list[str]) -> list[str]:
     return argv
 
 
+def _is_demo_recipe(args: list[str]) -> bool:
+    """Whether `predict --config RECIPE` names the offline demo (a top-level `demo:` block)."""
+    if "--config" not in args:
+        return False
+    import yaml
+
+    with open(args[args.index("--config") + 1]) as f:
+        recipe = yaml.safe_load(f)
+    return isinstance(recipe, dict) and "demo" in recipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dpgkit` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,7 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(evaluate.main(argv[1:]) or 0)
     if command == "predict":
-        PredictCLI(args=_recipe_as_config(argv))
+        args = _recipe_as_config(argv)
+        if _is_demo_recipe(args):
+            # the offline demo runs 3 tasks x 2 solvers over the shipped images: dpgkit.demo
+            from ..demo import main as demo_main
+
+            demo_main([a for a in args[1:] if a != "--config"])
+            return 0
+        PredictCLI(args=args)
         return 0
     if command == "fit":
         try:
