@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .io import save_png, to_uint8
 from .models.base import DiffusionModel
 from .noise import Gaussian
 from .operators import GaussianBlur, Inpainting, SuperResolution
@@ -82,22 +83,16 @@ def degraded_view(task: Task, y: Tensor, image_shape: Sequence[int]) -> Tensor:
 
 
 def psnr(x: Tensor, ref: Tensor) -> Tensor:
-    """Per-image PSNR (dB) of x against ref, both (B, C, H, W) in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.clamp(-1, 1) - ref).square().flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+    """Per-image PSNR (dB) of x against ref, both (B, C, H, W) in [-1, 1] (dpgkit.metrics, on [0, 1])."""
+    from .metrics import psnr as psnr01
+
+    return psnr01((x.clamp(-1, 1) + 1) / 2, (ref.clamp(-1, 1) + 1) / 2)
 
 
 def _to_uint8(x: Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8."""
-    a = ((x.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
-
-
-def save_png(x: Tensor, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_to_uint8(x)).save(path)
+    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8 (dpgkit.io's rounding)."""
+    a = to_uint8(x)
+    return a[:, :, 0] if a.shape[2] == 1 else a
 
 
 def comparison_grid(
