@@ -1,8 +1,17 @@
-"""`Task`: an operator and a noise model, and the simulated measurement y = noise(A(x))."""
+"""`Task`: an operator and a noise model, and the simulated measurement y = noise(A(x)).
+
+A task is a value. Its operator is either fixed or a random template (a box mask at a random
+place, a motion kernel); drawing the template for a batch returns a *new* task bound to the
+drawn operator, so the link between a measurement and the operator that made it is explicit:
+
+    y, drawn = task.measure(x, seed=0, indices=[3, 7])
+    x_hat = solver.restore(model, drawn, y, seed=0, indices=[3, 7])
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -14,41 +23,72 @@ from .seeding import derive_seed, generator
 __all__ = ["Task"]
 
 
+@dataclass(frozen=True)
 class Task:
-    """A forward model and its noise.
+    """A forward model A and its measurement noise: y = noise(A(x)).
 
-    `measure(x, seed)` draws the operator's per-item randomness (mask, kernel) from
-    (seed, item index), keeps the drawn operator in `task.operator` for the solver, and returns
-    y. For measured data, build the task with a fixed operator and pass y to the solver directly.
+    Attributes:
+        operator: a fixed operator, or a random template (`operator.is_random`) that `draw` and
+            `measure` turn into a fixed one per item (item b's draw seeded by (seed, indices[b])).
+        noise: the measurement noise model.
+        noisy_unobserved: whether entries that the operator does not observe (inpainting's
+            missing pixels, `operator.observed()` = 0) carry noise too. False (default): they are
+            exactly 0, as the operator's A(x) is there. True: noise is added everywhere, as the
+            DPS and DPG authors' code does; their published step sizes were tuned that way, so the
+            recipes that reproduce the paper set it (it raises DPG's temperature and width, and
+            shrinks DPS's step, compared with zeros).
     """
 
-    def __init__(self, operator: Operator, noise: NoiseModel) -> None:
-        self.template = operator
-        self.operator = operator
-        self.noise = noise
+    operator: Operator
+    noise: NoiseModel
+    noisy_unobserved: bool = False
 
-    def __repr__(self) -> str:
-        return f"Task(operator={self.operator!r}, noise={self.noise!r})"
+    def __post_init__(self) -> None:
+        if not isinstance(self.operator, Operator):
+            raise TypeError(f"Task.operator must be a dpgkit Operator, got {type(self.operator).__name__}")
+        if not isinstance(self.noise, NoiseModel):
+            raise TypeError(f"Task.noise must be a dpgkit NoiseModel, got {type(self.noise).__name__}")
+
+    @property
+    def is_drawn(self) -> bool:
+        """Whether the operator is fixed (ready for a solver), not a random template."""
+        return not self.operator.is_random
+
+    def with_operator(self, operator: Operator) -> Task:
+        """The same noise with another operator (e.g. the mask that came with a measured image)."""
+        return replace(self, operator=operator)
 
     def draw(self, image_shape: Sequence[int], seed: int = 0, indices: Sequence[int] | None = None,
-             batch_size: int = 1) -> Operator:
-        """Draw (and keep) the operator for the items `indices` (default 0..batch_size-1)."""
-        indices = list(range(batch_size)) if indices is None else [int(i) for i in indices]
-        if self.template.is_random:
-            seeds = [derive_seed(seed, i, "operator") for i in indices]
-            self.operator = self.template.draw(seeds, tuple(image_shape))
-        return self.operator
+             batch_size: int = 1) -> Task:
+        """The task with its operator drawn for the items `indices` (default 0..batch_size-1).
 
-    def measure(self, x: Tensor, seed: int = 0, indices: Sequence[int] | None = None) -> Tensor:
-        """y = noise(A(x)) for x (B, C, H, W) in [-1, 1]; item b seeded by (seed, indices[b])."""
+        image_shape: (C, H, W) of the images. A fixed operator is kept as it is. `self` is unchanged.
+        """
+        indices = list(range(batch_size)) if indices is None else [int(i) for i in indices]
+        if not self.operator.is_random:
+            return self
+        seeds = [derive_seed(seed, i, "operator") for i in indices]
+        return self.with_operator(self.operator.draw(seeds, tuple(image_shape)))
+
+    def measure(self, x: Tensor, seed: int = 0, indices: Sequence[int] | None = None) -> tuple[Tensor, Task]:
+        """Simulate y = noise(A(x)) and return (y, the task drawn for these items).
+
+        x: (B, C, H, W) in [-1, 1]. Item b's operator draw and its noise come from
+        (seed, indices[b]) (default indices 0..B-1), so an item measures the same alone or in a batch.
+        Raises ValueError on a wrongly shaped x or a wrong number of indices.
+        """
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
         indices = list(range(x.shape[0])) if indices is None else [int(i) for i in indices]
         if len(indices) != x.shape[0]:
             raise ValueError(f"got {len(indices)} item indices for a batch of {x.shape[0]}")
-        operator = self.draw(x.shape[1:], seed, indices).to(x.device)
-        self.operator = operator
+        drawn = self.draw(x.shape[1:], seed, indices)
+        drawn = drawn.with_operator(drawn.operator.to(x.device))
         with torch.no_grad():
-            ax = operator(x)
+            ax = drawn.operator(x)
         gens = [generator(seed, i, "measurement") for i in indices]
-        return self.noise.simulate(ax, gens)
+        y = self.noise.simulate(ax, gens)
+        observed = drawn.operator.observed()
+        if observed is not None and not self.noisy_unobserved:
+            y = y * (observed.to(y) > 0)
+        return y, drawn

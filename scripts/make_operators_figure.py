@@ -68,8 +68,7 @@ def kernel_tile(k: torch.Tensor) -> Image.Image:
 
 def measure(operator, x: torch.Tensor, noise=None):
     task = dk.Task(operator, noise or Noiseless())
-    y = task.measure(x, seed=0)
-    return y, task.operator
+    return task.measure(x, seed=0)
 
 
 def panels(x: torch.Tensor) -> list[tuple[str, Image.Image]]:
@@ -84,7 +83,7 @@ def panels(x: torch.Tensor) -> list[tuple[str, Image.Image]]:
     out.append(("Gaussian blur 61, std 3", to_tile(measure(GaussianBlur(), x)[0])))
     y, drawn = measure(MotionBlur(), x)
     out.append(("motion blur 61, intensity 0.5", to_tile(y)))
-    out.append(("its motion kernel (61 px)", kernel_tile(drawn.kernel[0])))
+    out.append(("its motion kernel (61 px)", kernel_tile(drawn.operator.kernel[0])))
     out.append(("phase retrieval |FFT| (log)", magnitude_tile(measure(PhaseRetrieval(), x)[0])))
     out.append(("JPEG, quality 10", to_tile(measure(JPEG(10), x)[0])))
     out.append(("colorization (channel mean)", to_tile(measure(Colorization(), x)[0])))

@@ -221,27 +221,28 @@ def _tensor_of(op) -> torch.Tensor:
 def test_same_seed_same_draw_other_item_other_draw(name):
     x = _rand(3, C, H, W, seed=0) * 2 - 1
     task = dk.Task(RANDOM[name](), Noiseless())
-    task.measure(x, seed=11)
-    first = _tensor_of(task.operator).clone()
-    assert first.shape[0] == 3 and task.operator.batch_size == 3
-    task.measure(x, seed=11)
-    assert torch.equal(_tensor_of(task.operator), first)
+    _, drawn = task.measure(x, seed=11)
+    first = _tensor_of(drawn.operator).clone()
+    assert first.shape[0] == 3 and drawn.operator.batch_size == 3
+    _, again = task.measure(x, seed=11)
+    assert torch.equal(_tensor_of(again.operator), first)
     for i in range(3):  # items differ from each other
         for j in range(i):
             assert not torch.equal(first[i], first[j])
     # item 2 alone, drawn with its index, gets the same draw as in the batch; another run
     # seed gives another draw
-    task.measure(x[2:], seed=11, indices=[2])
-    assert torch.equal(_tensor_of(task.operator)[0], first[2])
-    task.measure(x[2:], seed=12, indices=[2])
-    assert not torch.equal(_tensor_of(task.operator)[0], first[2])
+    _, alone = task.measure(x[2:], seed=11, indices=[2])
+    assert torch.equal(_tensor_of(alone.operator)[0], first[2])
+    _, other = task.measure(x[2:], seed=12, indices=[2])
+    assert not torch.equal(_tensor_of(other.operator)[0], first[2])
+    assert task.operator.is_random  # the task itself is a value: drawing never changed it
 
 
 def test_measure_uses_the_drawn_operator_and_item_applies_to_any_number_of_states():
     x = _rand(3, C, H, W, seed=0) * 2 - 1
     task = dk.Task(MotionBlur(7, 0.5), Gaussian(0.05))
-    y = task.measure(x, seed=1)
-    op = task.operator
+    y, drawn = task.measure(x, seed=1)
+    op = drawn.operator
     assert not op.is_random and op.batch_size == 3
     assert (y - op(x)).std() == pytest.approx(0.05, rel=0.15)
     states = _rand(5, C, H, W, seed=4)

@@ -71,7 +71,7 @@ def instantiate(recipe: Path, *overrides: str) -> PredictCLI:
 def measured_shape(operator_repr: str, operator) -> tuple[int, ...]:
     from dpgkit.task import Task
 
-    y = Task(operator, Gaussian(0.0)).measure(torch.zeros(1, 3, 256, 256), seed=0, indices=[0])
+    y, _ = Task(operator, Gaussian(0.0)).measure(torch.zeros(1, 3, 256, 256), seed=0, indices=[0])
     return tuple(y.shape)
 
 
@@ -101,7 +101,7 @@ def test_recipe_instantiates_with_published_settings(recipe):
         assert (solver.num_samples, solver.momentum, solver.r_min) == (n, beta_m, r_min)
         assert solver.znorm is None and solver.r == "heuristic" and solver.clip
 
-    assert isinstance(module.task.template, OPERATORS[task])
+    assert isinstance(module.task.operator, OPERATORS[task])
     poisson = recipe.stem.endswith("_poisson")
     noise = module.task.noise
     assert isinstance(noise, Poisson if poisson else Gaussian)
@@ -116,7 +116,7 @@ def test_recipe_instantiates_with_published_settings(recipe):
     # the stand-in prior builds without weights; the operator works at the paper's image size
     module.build_prior()
     assert module.diffusion.image_shape == (3, 16, 16)
-    shape = measured_shape(repr(module.task.template), module.task.template)
+    shape = measured_shape(repr(module.task.operator), module.task.operator)
     assert shape == ((1, 3, 64, 64) if task == "sr" else (1, 3, 256, 256))
 
 

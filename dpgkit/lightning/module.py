@@ -116,7 +116,7 @@ class _Given(Prior):
 
 def operator_mask(operator: Operator) -> Tensor | None:
     """The observation mask (B or 1, 1 or C, H, W) of a masking operator (1 = observed), else None."""
-    mask = getattr(operator, "mask", None)
+    mask = operator.observed()
     return mask if isinstance(mask, Tensor) and mask.dim() == 4 else None
 
 
@@ -166,6 +166,8 @@ class RestorationModule(pl.LightningModule):
         step_progress: also show the solver's per-step bar (default: only the bar over images).
         labels: "dataset", "task" and "method" as `dpgkit evaluate` shows them in its table
             (defaults: none, the operator's class, and the solver with its sampler).
+        noisy_unobserved: add measurement noise at entries the operator does not observe
+            (inpainting's missing pixels) too, as the DPS/DPG authors' code does (`dpgkit.Task`).
 
     The Trainer must be built with `inference_mode=False`: guidance differentiates through the
     prior. `predict_step` returns a dict that `PredictionWriter` writes (CPU tensors).
@@ -173,7 +175,7 @@ class RestorationModule(pl.LightningModule):
 
     def __init__(self, prior: Prior, operator: Operator, noise: NoiseModel, solver: Solver, seed: int = 0,
                  lpips: str | None = "vgg", lpips_weights: str | None = None, step_progress: bool = False,
-                 labels: dict[str, str] | None = None) -> None:
+                 labels: dict[str, str] | None = None, noisy_unobserved: bool = False) -> None:
         super().__init__()
         if isinstance(prior, DiffusionModel):
             prior = _Given(prior)
@@ -184,7 +186,7 @@ class RestorationModule(pl.LightningModule):
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__module__}.{kind.__name__}, got {type(value).__name__}")
         self.prior = prior
-        self.task = Task(operator, noise)
+        self.task = Task(operator, noise, noisy_unobserved)
         self.solver = solver
         self.seed = int(seed)
         self.lpips_net, self.lpips_weights = lpips, lpips_weights
@@ -232,7 +234,7 @@ class RestorationModule(pl.LightningModule):
             self._check_measured_operator(getattr(datamodule, "mask_root", None) is not None)
 
     def _check_measured_operator(self, has_masks: bool) -> None:
-        template = self.task.template
+        template = self.task.operator
         if has_masks:
             if not _is_inpainting(template):
                 raise ValueError(f"data.mask_root gives masks, but the operator {template!r} is not inpainting")
@@ -261,18 +263,18 @@ class RestorationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ restoring
 
-    def _measured_operator(self, batch: Mapping[str, Any], y: Tensor) -> None:
+    def _measured_task(self, batch: Mapping[str, Any], y: Tensor) -> Task:
+        """The task that made a measured batch: the masks that came with it, or the fixed operator."""
         if "mask" in batch:
             from ..operators.inpainting import Inpainting
 
-            self.task.operator = Inpainting(batch["mask"].to(y.device, y.dtype))
-            return
+            return self.task.with_operator(Inpainting(batch["mask"].to(y.device, y.dtype)))
         if self._expected_y is not None and tuple(y.shape[1:]) != self._expected_y:
             raise ValueError(
-                f"measured images are {tuple(y.shape[1:])}, but {self.task.template!r} on the prior's "
+                f"measured images are {tuple(y.shape[1:])}, but {self.task.operator!r} on the prior's "
                 f"{self.prior.image_shape} images gives {self._expected_y}: set data.image_size {self._expected_y[-1]}"
             )
-        self.task.operator = self.task.template.to(y.device)
+        return self.task.with_operator(self.task.operator.to(y.device))
 
     def restore(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Restore the good items of a batch from the data module; see `predict_step`."""
@@ -286,16 +288,16 @@ class RestorationModule(pl.LightningModule):
         start = time.perf_counter()
         x = batch.get("x")
         if x is not None:
-            y = self.task.measure(x, seed=self.seed, indices=indices)
+            y, task = self.task.measure(x, seed=self.seed, indices=indices)
         else:
             y = batch["y"]
-            self._measured_operator(batch, y)
-        recon = self.solver.restore(self.diffusion, self.task, y, seed=self.seed, indices=indices,
+            task = self._measured_task(batch, y)
+        recon = self.solver.restore(self.diffusion, task, y, seed=self.seed, indices=indices,
                                     progress=self.step_progress)
         if recon.is_cuda:
             torch.cuda.synchronize(recon.device)
         seconds = (time.perf_counter() - start) / len(names)
-        operator = self.task.operator
+        operator = task.operator
         picture = measurement_picture(y, operator, tuple(recon.shape[1:]))
         mask = operator_mask(operator)
         if mask is not None and mask.shape[0] == 1 and len(names) > 1:
@@ -340,7 +342,7 @@ class RestorationModule(pl.LightningModule):
 
     def describe(self) -> dict[str, str]:
         """What ran, for the summary."""
-        return {**self.labels, "prior": repr(self.prior), "operator": repr(self.task.template),
+        return {**self.labels, "prior": repr(self.prior), "operator": repr(self.task.operator),
                 "noise": repr(self.task.noise), "solver": repr(self.solver), "seed": str(self.seed),
                 "lpips": self.lpips_status}
 

@@ -203,7 +203,7 @@ def test_dpg_runs_on_the_triton_backend(device, monkeypatch):
     model = dk.models.DiffusionModel(eps, shape)
     x = (torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8).to(device)
     task = dk.Task(dk.operators.SuperResolution(2), dk.noise.Gaussian(0.05))
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     # the eager backend drawing the kernels' Philox stream instead of torch's generator
     monkeypatch.setattr(kernels, "dpg_direction_eager",
                         functools.partial(reference.dpg_direction_eager, stream=philox_normal))
