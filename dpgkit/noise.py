@@ -21,7 +21,19 @@ def _flat(x: Tensor, keep: int) -> Tensor:
 
 
 class NoiseModel(ABC):
-    """y = noise(A(x)). Energies reduce over all but the leading `batch_dims` dimensions."""
+    """y = noise(A(x)). Energies reduce over all but the leading `batch_dims` dimensions.
+
+    `energy_kind` names the energy for the fused kernels as plain data: "l2" (squared L2),
+    "l1", or None (not fused). A subclass that overrides `energy` without naming its kind again
+    gets None, so a custom energy is never fused as a stock one.
+    """
+
+    energy_kind: str | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "energy" in cls.__dict__ and "energy_kind" not in cls.__dict__:
+            cls.energy_kind = None
 
     @abstractmethod
     def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
@@ -45,12 +57,14 @@ class NoiseModel(ABC):
         return False
 
     def fidelity(self, y: Tensor, ax: Tensor) -> Tensor:
-        """DPS's data term per image (B,): ||y - A(x0hat)||_2, as the DPS code uses for both."""
+        """DPS's data term per image (B,): ||y - A(x0hat)||_2 (Chung et al. 2023, Algorithm 1)."""
         return _flat(y - ax, 1).norm(dim=-1)
 
 
 class Gaussian(NoiseModel):
     """Additive white Gaussian noise of std `sigma` on the [-1, 1] scale (paper: 0.05)."""
+
+    energy_kind = "l2"
 
     def __init__(self, sigma: float = 0.05) -> None:
         if sigma < 0:
@@ -82,6 +96,8 @@ class Gaussian(NoiseModel):
 class Poisson(NoiseModel):
     """Poisson noise of rate `rate` (paper: 1.0): y01 = Poisson(255 rate x01) / (255 rate)."""
 
+    energy_kind = "l1"
+
     def __init__(self, rate: float = 1.0) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be > 0, got {rate}")
@@ -105,6 +121,15 @@ class Poisson(NoiseModel):
 
     def width(self, z: Tensor, znorm: float, r_min: float) -> Tensor:
         return (z / znorm).clamp_min(r_min)
+
+    def fidelity(self, y: Tensor, ax: Tensor) -> Tensor:
+        """DPS's Poisson data term per image (B,): mean(||y - A(x0hat)||_2 / |y|) over y's entries,
+        i.e. the norm times mean(1 / |y|), as the DPS authors' code differentiates it (their
+        Poisson step sizes assume it). |y| is floored at half a count, 1 / (255 rate), where that
+        code would divide by zero."""
+        floor = 1.0 / (255.0 * self.rate)
+        inv = 1.0 / _flat(y, 1).abs().clamp_min(floor)
+        return _flat(y - ax, 1).norm(dim=-1) * inv.mean(dim=-1)
 
 
 class Noiseless(Gaussian):

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpgkit.noise import Gaussian, NoiseModel, Poisson
-
 __all__ = ["GatherPlan", "plan_for", "energy_kind", "apply_plan"]
 
 
@@ -46,14 +44,11 @@ class GatherPlan:
         return self.idx.shape[1]
 
 
-def energy_kind(noise: NoiseModel) -> str | None:
-    """"l2" (squared L2, Gaussian) or "l1" (Poisson) when the noise model's energy is the stock one."""
-    energy = type(noise).energy
-    if isinstance(noise, Gaussian) and energy is Gaussian.energy:
-        return "l2"
-    if isinstance(noise, Poisson) and energy is Poisson.energy:
-        return "l1"
-    return None
+def energy_kind(noise) -> str | None:
+    """"l2" (squared L2, Gaussian) or "l1" (Poisson): the noise model's `energy_kind`, read as
+    plain data (a model whose energy is not a stock one says None and is not fused)."""
+    kind = getattr(noise, "energy_kind", None)
+    return kind if kind in ("l2", "l1") else None
 
 
 def _mask_plan(mask: Tensor, shape: tuple[int, int, int], device: torch.device) -> GatherPlan:
@@ -98,26 +93,28 @@ def _channel_mean_plan(shape: tuple[int, int, int], device: torch.device) -> Gat
 
 
 def plan_for(operator, image_shape, device: torch.device | str) -> GatherPlan | str:
-    """The gather table of an item-level operator for images (C, H, W), or why there is none."""
+    """The gather table of an item-level operator for images (C, H, W), or why there is none.
+
+    The operator describes itself as plain data through `operator.gather_form(image_shape)`
+    (e.g. ("mask", m), ("avgpool", f)); the kernels import nothing from dpgkit."""
     shape = tuple(int(s) for s in image_shape)
     if len(shape) != 3:
         return f"images must be (C, H, W), got {shape}"
     device = torch.device(device)
-    # imported here: the kernels package stays importable on its own (the operators import nothing
-    # from it, but dpgkit's own import order is not this module's business)
-    from dpgkit.operators import Colorization, Denoising, Inpainting, SuperResolution
-
-    if isinstance(operator, Inpainting):
-        return _mask_plan(operator.mask, shape, device)
-    if isinstance(operator, SuperResolution):
-        if operator.mode != "avgpool":
-            return f"super-resolution mode {operator.mode!r} (only 'avgpool' is fused)"
-        return _avgpool_plan(operator.factor, shape, device)
-    if isinstance(operator, Denoising):
+    form_of = getattr(operator, "gather_form", None)
+    form = form_of(shape) if callable(form_of) else None
+    if form is None:
+        return f"{type(operator).__name__} has no fused form"
+    kind, *args = form
+    if kind == "mask":
+        return _mask_plan(args[0], shape, device)
+    if kind == "avgpool":
+        return _avgpool_plan(int(args[0]), shape, device)
+    if kind == "identity":
         return _identity_plan(shape, device)
-    if isinstance(operator, Colorization):
+    if kind == "channel_mean":
         return _channel_mean_plan(shape, device)
-    return f"{type(operator).__name__} has no fused form"
+    return f"{type(operator).__name__}'s gather form {kind!r} is not one the kernels know"
 
 
 def apply_plan(plan: GatherPlan, x: Tensor) -> Tensor:

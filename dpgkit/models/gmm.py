@@ -11,14 +11,16 @@ Vectors are flattened per item: x (B, D), means (K, D). Everything is computed i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..diffusion import Schedule
-from ..operators.base import Operator
 from .base import DiffusionModel
+
+LinearMap = Callable[[Tensor], Tensor]
+"""A linear map on image batches (N, C, H, W) -> (N, ...): a linear operator, or any callable."""
 
 __all__ = [
     "GaussianMixturePrior",
@@ -131,19 +133,20 @@ def condition_on_linear_measurement(
     return post_means, post_covs, log_evidence
 
 
-def operator_matrix(A: Tensor | Operator, image_shape: Sequence[int]) -> Tensor:
-    """A dense (M, D) float64 matrix for A: a matrix as given, or a linear operator applied to
-    the D basis images of `image_shape` (only sensible for small D)."""
+def operator_matrix(A: Tensor | LinearMap, image_shape: Sequence[int]) -> Tensor:
+    """A dense (M, D) float64 matrix for A: a matrix as given, or a linear map (a callable on
+    (N, *image_shape) batches, e.g. a linear dpgkit operator) applied to the D basis images of
+    `image_shape` (only sensible for small D). A callable that says `is_linear = False` is refused."""
     dim = math.prod(image_shape)
     if isinstance(A, Tensor):
         if A.dim() != 2 or A.shape[1] != dim:
             raise ValueError(f"expected a matrix of shape (M, {dim}), got {tuple(A.shape)}")
         return A.to(_F64)
-    if not isinstance(A, Operator) or not A.is_linear:
+    if not callable(A) or not getattr(A, "is_linear", True):
         raise TypeError(
-            f"expected a dense matrix (M, {dim}) or a linear Operator, got {type(A).__name__}"
+            f"expected a dense matrix (M, {dim}) or a linear map, got {type(A).__name__}"
         )
-    if A.batch_size not in (None, 1):
+    if getattr(A, "batch_size", None) not in (None, 1):
         raise ValueError(f"the operator holds {A.batch_size} items; pass one with op.item(b)")
     basis = torch.eye(dim, dtype=_F64).reshape(dim, *image_shape)
     with torch.no_grad():
@@ -440,7 +443,7 @@ class GaussianMixturePrior:
 
     # -- linear measurements y = A x0 + sigma_y n -------------------------------------------
 
-    def posterior(self, A: Tensor | Operator, y: Tensor, sigma_y: float) -> GaussianMixture:
+    def posterior(self, A: Tensor | LinearMap, y: Tensor, sigma_y: float) -> GaussianMixture:
         """The exact p(x0 | y) for y = A x0 + sigma_y n: a mixture with weights
         w_k ∝ pi_k N(y; A m_k, A S_k A^T + sigma_y^2 I) and each component conditioned
         (see `condition_on_linear_measurement`). `log_evidence` holds log p(y)."""
@@ -463,7 +466,7 @@ class GaussianMixturePrior:
         return y.reshape(num_meas).to(_F64)
 
     def log_likelihood(
-        self, x_t: Tensor, t: Tensor | int, A: Tensor | Operator, y: Tensor, sigma_y: float
+        self, x_t: Tensor, t: Tensor | int, A: Tensor | LinearMap, y: Tensor, sigma_y: float
     ) -> Tensor:
         """log p(y | x_t) (B,), float64, differentiable in x_t.
 
@@ -505,7 +508,7 @@ class GaussianMixturePrior:
         return out
 
     def likelihood_score(
-        self, x_t: Tensor, t: Tensor | int, A: Tensor | Operator, y: Tensor, sigma_y: float
+        self, x_t: Tensor, t: Tensor | int, A: Tensor | LinearMap, y: Tensor, sigma_y: float
     ) -> Tensor:
         """The exact guidance score grad_{x_t} log p(y | x_t), x_t's shape and dtype."""
         with torch.enable_grad():

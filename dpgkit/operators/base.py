@@ -39,6 +39,19 @@ class Operator(nn.Module):
         """How many items a drawn operator holds (None: shared by any number)."""
         return None
 
+    def observed(self) -> Tensor | None:
+        """Which measurement entries carry information: a 0/1 mask broadcastable to A(x), or None
+        when all do. Inpainting's missing pixels are 0 here (their A(x) is 0 whatever x is)."""
+        return None
+
+    def gather_form(self, image_shape: Sequence[int]) -> tuple | None:
+        """This item's operator as plain data for the fused kernels, or None when it has none.
+
+        ("mask", m (1, 1 or C, H, W)), ("avgpool", factor), ("identity",) or ("channel_mean",):
+        every output is a fixed weighted sum of a few input elements (see `dpgkit.kernels`).
+        """
+        return None
+
 
 class LinearOperator(Operator):
     """A linear A with its adjoint A^T; `svd()` where SVD-based methods (DDRM, DDNM) need it."""

@@ -36,6 +36,9 @@ class Colorization(LinearOperator):
             raise ValueError(f"Colorization.adjoint expects (B, 1, H, W), got {tuple(y.shape)}")
         return y.expand(-1, channels, -1, -1) / channels
 
+    def gather_form(self, image_shape: Sequence[int]) -> tuple:
+        return ("channel_mean",)
+
     def svd(self, image_shape: Sequence[int] | None = None) -> ChannelMeanSVD:
         c, h, w = image_shape3(image_shape, "Colorization.svd")
         return ChannelMeanSVD(c, h * w, self._anchor)

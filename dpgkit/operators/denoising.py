@@ -34,5 +34,8 @@ class Denoising(LinearOperator):
         check_images(y, "Denoising.adjoint")
         return y
 
+    def gather_form(self, image_shape: Sequence[int]) -> tuple:
+        return ("identity",)
+
     def svd(self, image_shape: Sequence[int] | None = None) -> IdentitySVD:
         return IdentitySVD(math.prod(image_shape3(image_shape, "Denoising.svd")), self._anchor)

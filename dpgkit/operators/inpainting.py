@@ -149,6 +149,12 @@ class Inpainting(LinearOperator):
         self._check(y)
         return y * self.mask.to(y.dtype)
 
+    def observed(self) -> Tensor:
+        return self.mask
+
+    def gather_form(self, image_shape: Sequence[int]) -> tuple:
+        return ("mask", self.mask)
+
     def svd(self, image_shape: Sequence[int] | None = None) -> MaskSVD:
         """Permutation view (kept pixels first) for images (C, H, W); `image_shape` may be left
         out when the mask has one entry per channel."""

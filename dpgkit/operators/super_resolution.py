@@ -114,6 +114,9 @@ class SuperResolution(LinearOperator):
         mh, mw = self._matrix(y.shape[-2] * f, y), self._matrix(y.shape[-1] * f, y)
         return torch.einsum("ih,bcij,jw->bchw", mh, y, mw)
 
+    def gather_form(self, image_shape: Sequence[int]) -> tuple | None:
+        return ("avgpool", self.factor) if self.mode == "avgpool" else None
+
     def svd(self, image_shape: Sequence[int] | None = None) -> SeparableSVD:
         """Kronecker view from the 1-D SVDs of the row and column maps; images (C, H, W)."""
         c, h, w = image_shape3(image_shape, "SuperResolution.svd")
