@@ -54,12 +54,12 @@ def solver_factories(steps: int) -> dict[str, tuple[Callable[[float], object], l
 
 
 def cosine_rows(problem: V.Problem, num_states: int) -> dict[str, list[float]]:
-    rows = {"DPS": V.guidance_cosines(problem, V.dps_direction, TIMESTEPS, num_states)}
+    rows = {"DPS": V.guidance_cosines(problem, V.solver_direction(DPS()), TIMESTEPS, num_states)}
     for n in (10, 100, 1000):
         rows[f"DPG N={n}"] = V.guidance_cosines(
-            problem, lambda p, x, t, n=n: V.dpg_direction_at(p, x, t, n), TIMESTEPS, num_states)
+            problem, V.solver_direction(DPG(scale=1.0, num_samples=n)), TIMESTEPS, num_states)
     rows["DPG N=1000 r=tweedie"] = V.guidance_cosines(
-        problem, lambda p, x, t: V.dpg_direction_at(p, x, t, 1000, r_mode="tweedie"), TIMESTEPS, num_states)
+        problem, V.solver_direction(DPG(scale=1.0, num_samples=1000, r="tweedie")), TIMESTEPS, num_states)
     return rows
 
 

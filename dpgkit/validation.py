@@ -17,18 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import kernels
 from .models.gmm import GaussianMixture, GaussianMixturePrior
 from .noise import Gaussian
 from .operators import GaussianBlur, Inpainting, LinearOperator, SuperResolution
 from .seeding import derive_seed, generator
-from .solvers.base import Solver
+from .solvers.base import Denoised, Solver
 from .task import Task
 
 __all__ = ["Problem", "make_prior", "make_problem", "sliced_wasserstein", "guidance_cosines",
-           "posterior_samples", "solver_samples", "dps_direction", "dpg_direction_at", "PROBLEM_KINDS"]
+           "posterior_samples", "solver_samples", "denoised_state", "solver_direction", "PROBLEM_KINDS"]
 
 PROBLEM_KINDS = ("inpainting", "sr", "blur")
+
+Direction = Callable[["Problem", Tensor, int], Tensor]
+"""A guidance direction at (problem, x_t (n, C, H, W), timestep t) -> (n, C, H, W)."""
 
 
 @dataclass
@@ -74,8 +76,7 @@ def make_problem(kind: str, sigma_y: float, image_shape: Sequence[int] = (1, 8, 
     prior = make_prior(image_shape, num_components, seed)
     operator = make_operator(kind, image_shape, seed)
     x_true = prior.sample(1, generator(seed, "x_true")).float().view(1, *image_shape)
-    task = Task(operator, Gaussian(sigma_y))
-    y = task.measure(x_true, seed=seed)
+    y, _ = Task(operator, Gaussian(sigma_y)).measure(x_true, seed=seed)
     posterior = prior.posterior(operator, y.double(), sigma_y)
     name = f"{kind} D={prior.dim} sigma_y={sigma_y}"
     return Problem(name, prior, operator, sigma_y, x_true, y, posterior)
@@ -110,46 +111,32 @@ def _states(problem: Problem, t: int, n: int, seed: int) -> Tensor:
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * z
 
 
-def _x0hat(problem: Problem, x_t: Tensor, t: int) -> Tensor:
-    return problem.prior.x0_mean(x_t, t)
-
-
-def dps_direction(problem: Problem, x_t: Tensor, t: int) -> Tensor:
-    """DPS's guidance direction -grad ||y - A x0hat(x_t)||_2."""
+def denoised_state(problem: Problem, x_t: Tensor, t: int) -> Denoised:
+    """x_t with the prior's exact Tweedie estimate E[x0 | x_t] on its graph: where guidance is evaluated."""
     x = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
-        res = (problem.y - problem.operator(_x0hat(problem, x, t))).flatten(1).norm(dim=1)
-        (g,) = torch.autograd.grad(res.sum(), x)
-    return -g
+        x0hat = problem.prior.x0_mean(x, t)
+    abar = problem.prior.schedule.alphas_cumprod[t].to(x).expand(x.shape[0]).view(-1, 1, 1, 1)
+    return Denoised(x, x0hat, abar)
 
 
-def dpg_direction_at(problem: Problem, x_t: Tensor, t: int, num_samples: int, seed: int = 0,
-                     r_mode: str = "heuristic") -> Tensor:
-    """DPG's direction -J^T v at x_t, with Z = Z_raw (a first step) and the published width."""
-    noise = Gaussian(problem.sigma_y)
-    x = x_t.detach().requires_grad_(True)
-    with torch.enable_grad():
-        x0hat = _x0hat(problem, x, t)
-    x0 = x0hat.detach()
-    n = x.shape[0]
-    y = problem.y.expand(n, *problem.y.shape[1:])
-    z_raw = noise.energy(y, problem.operator(x0)).double()
-    if r_mode == "tweedie":
-        u = torch.randint(0, 2, x.shape, generator=generator(seed, t, "hutchinson")).to(x) * 2 - 1
-        (ju,) = torch.autograd.grad(x0hat, x, grad_outputs=u, retain_graph=True)
-        abar = float(problem.prior.schedule.alphas_cumprod[t])
-        var = (1 - abar) / abar**0.5 * (ju * u).flatten(1).sum(1).double() / x[0].numel()
-        r = var.clamp_min(0).sqrt()
-    else:
-        r = noise.width(z_raw, float(problem.prior.dim), 0.0)
-    seeds = [derive_seed(seed, t, i, "dpg") for i in range(n)]
-    v, _ = kernels.dpg_direction(x0, y, problem.operator, noise, r, z_raw, z_raw, num_samples, seeds,
-                                 backend="eager")
-    (g,) = torch.autograd.grad(x0hat, x, grad_outputs=v.to(x0hat.dtype))
-    return -g
+def solver_direction(solver: Solver, seed: int = 0) -> Direction:
+    """The shipped solver's guidance at (problem, x_t, t) as a direction: -grad of its data misfit,
+    i.e. the solver's `guidance` (DPG, DPS, ...) evaluated as at a chain's first guided step."""
+    if not callable(getattr(solver, "guidance", None)):
+        raise TypeError(f"{type(solver).__name__} has no guidance(state, task, y, seeds) to evaluate")
+
+    def direction(problem: Problem, x_t: Tensor, t: int) -> Tensor:
+        state = denoised_state(problem, x_t, t)
+        n = x_t.shape[0]
+        y = problem.y.expand(n, *problem.y.shape[1:])
+        seeds = [derive_seed(seed, t, i, "guidance") for i in range(n)]
+        return -solver.guidance(state, problem.task, y, seeds).grad
+
+    return direction
 
 
-def guidance_cosines(problem: Problem, direction: Callable[[Problem, Tensor, int], Tensor],
+def guidance_cosines(problem: Problem, direction: Direction,
                      timesteps: Sequence[int], num_states: int = 64, seed: int = 0) -> list[float]:
     """Mean cosine similarity between `direction` and the exact grad_{x_t} log p(y | x_t), per t."""
     out = []

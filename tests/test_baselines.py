@@ -64,7 +64,7 @@ def benchmark(name: str, sigma: float):
     prior = gmm_prior()
     task = dk.Task(make_operator(name), dk.noise.Gaussian(sigma))
     x = prior.sample(1, torch.Generator().manual_seed(5)).float()
-    y1 = task.measure(x, seed=1)
+    y1, task = task.measure(x, seed=1)
     post = prior.posterior(task.operator, y1[0], sigma)
     exact = post.sample(NUM, torch.Generator().manual_seed(2))
     prior_samples = prior.sample(NUM, torch.Generator().manual_seed(4))
@@ -100,7 +100,7 @@ def test_ddnm_reproduces_observed_pixels_without_noise(plus):
     mask = half_mask()
     task = dk.Task(dk.operators.Inpainting(mask), dk.noise.Noiseless())
     x = prior.sample(3, torch.Generator().manual_seed(7)).float().clamp(-0.95, 0.95)
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     out = DDNM(plus=plus, steps=20, travel_length=3, travel_repeat=2).restore(prior.as_model(), task, y)
     observed = mask.bool().expand_as(out)
     assert (out - x)[observed].abs().max() <= 1e-5
@@ -114,7 +114,7 @@ def test_noiseless_outputs_fit_the_measurement(problem, method):
     prior = gmm_prior()
     task = dk.Task(make_operator(problem), dk.noise.Noiseless())
     x = (0.5 * prior.sample(4, torch.Generator().manual_seed(8))).float()
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     solver = DDRM(steps=10) if method == "ddrm" else DDNM(plus=True, steps=20, travel_length=2, travel_repeat=2)
     out = solver.restore(prior.as_model(), task, y)
     assert out.abs().max() < 1  # nothing clipped, so the check below sees the chain's own output
@@ -127,7 +127,7 @@ def test_reddiff_objective_decreases():
     prior = gmm_prior()
     task = dk.Task(make_operator("sr"), dk.noise.Gaussian(0.05))
     x = prior.sample(4, torch.Generator().manual_seed(3)).float()
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     seen: list[RedDiffStepInfo] = []
     RedDiff(steps=200, init="noise").restore(prior.as_model(), task, y, callback=seen.append)
     assert [s.step for s in seen] == list(range(200))
@@ -160,7 +160,8 @@ def per_item_task(batch: int) -> tuple[dk.Task, torch.Tensor]:
     masks = (torch.rand(batch, 1, 4, 4, generator=g) > 0.5).float()
     task = dk.Task(dk.operators.Inpainting(masks), dk.noise.Gaussian(0.05))
     x = gmm_prior().sample(batch, torch.Generator().manual_seed(1)).float()
-    return task, task.measure(x, seed=0)
+    y, drawn = task.measure(x, seed=0)
+    return drawn, y
 
 
 SMALL = {
@@ -232,7 +233,7 @@ def test_reddiff_runs_on_a_nonlinear_differentiable_operator():
     prior = gmm_prior()
     task = dk.Task(dk.operators.PhaseRetrieval(oversample=2.0), dk.noise.Gaussian(0.05))
     x = prior.sample(2, torch.Generator().manual_seed(3)).float()
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     seen = []
     out = RedDiff(steps=50).restore(prior.as_model(), task, y, callback=seen.append)
     assert torch.isfinite(out).all()
@@ -276,11 +277,11 @@ def test_baseline_recipe_instantiates_and_applies(recipe):
     # the method accepts the recipe's operator (drawn for one image at the stand-in prior's size)
     module.build_prior()
     shape = module.diffusion.image_shape
-    y = module.task.measure(torch.zeros(1, *shape), seed=0)
+    y, task = module.task.measure(torch.zeros(1, *shape), seed=0)
     if method == "reddiff":
         assert module.task.operator.differentiable
     else:
-        spec = spectral_problem(method, module.task, y, shape)
+        spec = spectral_problem(method, task, y, shape)
         assert spec.observed.any()
 
 
@@ -290,8 +291,8 @@ def test_a_view_that_differs_from_the_operator_is_flagged():
     x = torch.zeros(1, *SHAPE)
     reflect = dk.Task(dk.operators.Blur(dk.operators.gaussian_kernel(3, 0.8)), dk.noise.Gaussian(0.05))
     with pytest.warns(RuntimeWarning, match="differs from the operator"):
-        DDRM(steps=2).restore(model, reflect, reflect.measure(x))
+        DDRM(steps=2).restore(model, *reversed(reflect.measure(x)))
     circular = dk.Task(make_operator("blur"), dk.noise.Gaussian(0.05))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        DDRM(steps=2).restore(model, circular, circular.measure(x))
+        DDRM(steps=2).restore(model, *reversed(circular.measure(x)))

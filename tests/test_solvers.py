@@ -52,7 +52,8 @@ def make_task(batch: int, seed: int = 0) -> tuple[dk.Task, torch.Tensor, torch.T
     x = torch.rand(batch, *SHAPE, generator=g) * 1.6 - 0.8
     mask = (torch.rand(batch, 1, 4, 4, generator=g) > 0.4).float()
     task = dk.Task(ItemMask(mask), dk.noise.Gaussian(0.05))
-    return task, x, task.measure(x, seed=seed)
+    y, drawn = task.measure(x, seed=seed)
+    return drawn, x, y
 
 
 FAST = dict(scale=2.0, num_samples=24, sampler="ddim", steps=15)
@@ -128,15 +129,52 @@ def test_rewards_do_not_overflow():
 
 def test_momentum_keeps_the_published_scale():
     """Combining in log space equals the naive c g_prev + (1 - c) g when nothing overflows."""
-    solver = DPG(momentum=0.5, sampler="ddim", **{k: v for k, v in FAST.items() if k != "sampler"})
+    from dpgkit.solvers.base import Guidance
+    from dpgkit.solvers.dpg import _momentum
+
     g = torch.Generator().manual_seed(1)
     prev, cur = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g)
     prev_log, cur_log = torch.tensor([0.5, -2.0], dtype=torch.float64), torch.tensor([1.5, 3.0], dtype=torch.float64)
-    model = gaussian_model()
-    ghat, _ = solver._momentum(cur, cur_log, (prev, prev_log), t=500, model=model)
+    ghat = _momentum(Guidance(cur, cur_log, cur), Guidance(prev, prev_log, prev), 0.5)
     naive = 0.5 * prev * prev_log.exp().float().view(-1, 1, 1, 1) + 0.5 * cur * cur_log.exp().float().view(-1, 1, 1, 1)
     naive = naive / naive.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     torch.testing.assert_close(ghat, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_ddpm_guidance_stops_two_steps_before_the_end():
+    """The authors' loop guides chain index i > 1 only (eta = 0 at i = 1 and 0); DDIM guides i > 0."""
+    from dpgkit.solvers.dpg import dpg_eta
+
+    beta, abar = torch.tensor(0.02), torch.tensor(0.5)
+    assert float(dpg_eta(beta, abar, 1, "ddpm")) == 0.0 and float(dpg_eta(beta, abar, 0, "ddpm")) == 0.0
+    expected = 0.02 / ((1 - 0.02) ** 0.5 * 0.5**0.5)
+    assert float(dpg_eta(beta, abar, 2, "ddpm")) == pytest.approx(expected, rel=1e-6)
+    assert float(dpg_eta(beta, abar, 1, "ddim")) == 1.0 and float(dpg_eta(beta, abar, 0, "ddim")) == 0.0
+
+
+def test_momentum_coefficient_follows_the_chain_index():
+    """c = beta_m * (i / S) on the chain being run (respaced or not), beta_m under DDIM."""
+    from dpgkit.solvers.dpg import momentum_coefficient
+
+    assert momentum_coefficient(0.1, 50, 100, "ddpm") == pytest.approx(0.05)  # a respaced 100-step chain
+    assert momentum_coefficient(0.1, 500, 1000, "ddpm") == pytest.approx(0.05)  # = t / 1000 on the full chain
+    assert momentum_coefficient(0.1, 3, 200, "ddim") == 0.1
+
+
+def test_dps_poisson_step_is_the_norm_times_mean_inverse_y():
+    """The DPS authors' Poisson guidance differentiates (||y - A x0hat|| / |y|).mean(): the plain
+    gradient times mean(1 / |y|) on a fixed y."""
+    from dpgkit.solvers.base import Denoised
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(1, 1, 4, 4, generator=g) * 1.6 - 0.8 + 0.1
+    x_t = torch.randn(1, 1, 4, 4, generator=g).requires_grad_(True)
+    state = lambda: Denoised(x_t, 0.5 * x_t, torch.full((1, 1, 1, 1), 0.5))  # noqa: E731
+    op = dk.operators.Denoising()
+    poisson = dk.solvers.DPS().guidance(state(), dk.Task(op, dk.noise.Poisson(1.0)), y).grad
+    gauss = dk.solvers.DPS().guidance(state(), dk.Task(op, dk.noise.Gaussian(0.05)), y).grad
+    ratio = (poisson.flatten() / gauss.flatten())
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float((1 / y.abs()).mean())), rtol=1e-5, atol=0)
 
 
 def _numpy_downsample(img: np.ndarray) -> np.ndarray:
@@ -151,7 +189,7 @@ def test_dpg_with_a_numpy_black_box_reduces_the_residual():
     task = dk.Task(op, dk.noise.Gaussian(0.02))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, *SHAPE, generator=g) * 1.6 - 0.8
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     model = gaussian_model()
     kwargs = dict(num_samples=64, sampler="ddim", steps=30)
     unguided = DPG(scale=0.0, **kwargs).restore(model, task, y, seed=0)
@@ -165,7 +203,7 @@ def test_dpg_with_a_numpy_black_box_reduces_the_residual():
 
 def test_dps_refuses_a_black_box():
     task = dk.Task(BlackBox(_numpy_downsample), dk.noise.Gaussian(0.02))
-    y = task.measure(torch.zeros(1, *SHAPE))
+    y, task = task.measure(torch.zeros(1, *SHAPE))
     with pytest.raises(ValueError, match="DPG"):
         dk.solvers.DPS(scale=1.0, steps=5).restore(gaussian_model(), task, y)
 

@@ -14,17 +14,14 @@ chain jumps back `travel_length` steps by re-noising the last x0 and denoises ag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from .. import diffusion as dm
-from ..models.base import DiffusionModel
 from ..seeding import randn_per_item
 from ..task import Task
-from .base import Callback, ReverseChain, Solver, StepInfo
-from .ddrm import Spectral, spectral_problem
+from .base import Callback, ReverseChain, Solver
+from .spectral import Spectral, spectral_problem
 
 __all__ = ["DDNM", "travel_schedule"]
 
@@ -69,6 +66,11 @@ class DDNM(Solver):
     """
 
     name = "ddnm"
+    sampler = "ddim"
+
+    @property
+    def label(self) -> str:
+        return "DDNM+" if self.plus else "DDNM"
 
     def __init__(self, plus: bool = True, steps: int = 100, eta: float = 0.85,
                  travel_length: int | None = None, travel_repeat: int | None = None,
@@ -87,41 +89,26 @@ class DDNM(Solver):
         return (f"DDNM(plus={self.plus}, steps={self.steps}, eta={self.eta}, "
                 f"travel_length={self.travel_length}, travel_repeat={self.travel_repeat}, s_min={self.s_min})")
 
-    def restore(
-        self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
-        indices: Sequence[int] | None = None, callback: Callback | None = None,
-        progress: bool | None = None,
-    ) -> Tensor:
-        method = "DDNM+" if self.plus else "DDNM"
-        spec = spectral_problem(method, task, y, model.image_shape, self.s_min)
-        chain = ReverseChain(model, y, task, "ddim", self.steps, seed, indices, progress, method)
+    def sample(self, chain: ReverseChain, task: Task, y: Tensor, callback: Callback | None) -> Tensor:
+        spec = spectral_problem(self.label, task, y, chain.model.image_shape, self.s_min)
         abar = chain.schedule.alphas_cumprod.tolist() + [1.0]  # index -1: x0 itself
         order = travel_schedule(chain.num_steps, self.travel_length, self.travel_repeat)
-        moves = list(zip(order[:-1], order[1:]))
-        if chain.progress:
-            from tqdm.auto import tqdm
-
-            moves = tqdm(moves, desc=method, leave=False)
         x = chain.initial_state()
         x0 = torch.zeros_like(x)
-        step = 0
-        for move, (i, j) in enumerate(moves):
-            z = randn_per_item(model.image_shape, seed, chain.indices, "ddnm", move, like=x)
+        step = 0  # counts the denoising moves (what callbacks see), not the jumps back
+        for move, i, j in chain.moves(order):
+            z = randn_per_item(chain.model.image_shape, chain.seed, chain.indices, "ddnm", move, like=x)
             with torch.no_grad():
                 if j > i:  # time travel: re-noise the last estimate to the later step
                     x_next = abar[j] ** 0.5 * x0 + (1 - abar[j]) ** 0.5 * z
                     x = chain.guard(step, int(chain.schedule.timesteps[j]), x_next, x)
                     continue
-                i_vec = torch.full((chain.batch,), i, dtype=torch.long, device=x.device)
-                t = int(chain.schedule.timesteps[i])
-                x0, _ = chain.denoise(x, chain.schedule.timesteps[i_vec.cpu()].to(x.device), i_vec, self.clip)
+                i_vec, t_vec = chain.at(i)
+                x0, _ = chain.denoise(x, t_vec, i_vec, self.clip)
                 eps = dm.eps_from_x0(x, x0, chain.abar(i_vec, x))
                 x_next = self._step(spec, x0, eps, z, abar[j])
-                chain.remember(x0)
-                if callback is not None:
-                    callback(StepInfo(step, t, x, x0, chain.residual(y, x0)))
-                x = chain.guard(step, t, x_next, x)
-                step += 1
+            x = chain.finish(step, int(t_vec[0]), x, x_next, x0, y, callback)
+            step += 1
         return chain.result(x)
 
     def _step(self, spec: Spectral, x0: Tensor, eps: Tensor, z: Tensor, abar_next: float) -> Tensor:

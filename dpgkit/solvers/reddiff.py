@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.base import DiffusionModel
 from ..noise import Gaussian
 from ..operators.base import LinearOperator
 from ..seeding import randn_per_item
 from ..task import Task
 from .base import Callback, ReverseChain, Solver, StepInfo
+from .requirements import require_differentiable
 
 __all__ = ["RedDiff", "RedDiffStepInfo"]
 
@@ -63,6 +63,11 @@ class RedDiff(Solver):
     """
 
     name = "reddiff"
+    sampler = "ddim"
+
+    @property
+    def label(self) -> str:
+        return "RED-Diff"
 
     def __init__(self, steps: int = 1000, lr: float = 0.1, lambda_: float = 0.25, obs_weight: float = 1.0,
                  weighting: str = "linear", init: str = "auto") -> None:
@@ -79,23 +84,16 @@ class RedDiff(Solver):
         return (f"RedDiff(steps={self.steps}, lr={self.lr}, lambda_={self.lambda_}, "
                 f"weighting={self.weighting!r}, init={self.init!r})")
 
-    def restore(
-        self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
-        indices: Sequence[int] | None = None, callback: Callback | None = None,
-        progress: bool | None = None,
-    ) -> Tensor:
-        op = task.operator
-        if not getattr(op, "differentiable", True):
-            raise ValueError(
-                f"RED-Diff differentiates the operator, but {type(op).__name__} is not "
-                "differentiable (a black box, JPEG, ...). Use dpgkit.solvers.DPG, which only evaluates A."
-            )
+    def check(self, task: Task) -> None:
+        require_differentiable(task, "RED-Diff")
         if not isinstance(task.noise, Gaussian):
             raise ValueError(
                 f"RED-Diff's data term is the Gaussian likelihood, got {task.noise!r}. "
                 "Use dpgkit.solvers.DPG, which supports Poisson noise."
             )
-        chain = ReverseChain(model, y, task, "ddim", self.steps, seed, indices, progress, "RED-Diff")
+
+    def sample(self, chain: ReverseChain, task: Task, y: Tensor, callback: Callback | None) -> Tensor:
+        op, model = task.operator, chain.model
         mu = self._initial(chain, task, y).detach().requires_grad_(True)
         opt = torch.optim.Adam([mu], lr=self.lr, betas=(0.9, 0.99), weight_decay=0.0)
         num_meas = y[0].numel()
@@ -103,7 +101,7 @@ class RedDiff(Solver):
         for step, _i, i_vec, t_vec in chain.steps():
             abar = chain.abar(i_vec, mu)
             lam = self.lambda_ * _WEIGHTINGS[self.weighting](((1 - abar) / abar).sqrt())
-            noise = randn_per_item(model.image_shape, seed, chain.indices, "reddiff", step, like=mu)
+            noise = randn_per_item(model.image_shape, chain.seed, chain.indices, "reddiff", step, like=mu)
             with torch.no_grad():
                 x_t = abar.sqrt() * mu + (1 - abar).sqrt() * noise
                 score_gap = model.eps(x_t, t_vec) - noise  # held constant: no network backward
@@ -115,16 +113,15 @@ class RedDiff(Solver):
                 loss.sum().backward()
             with torch.no_grad():
                 mu_before = mu.detach().clone()
+                info = None
                 if callback is not None:
                     # c_t ||mu - D_t(mu)||^2 = lambda_t sqrt((1 - abar) / abar) ||eps_theta - eps||^2
                     gap = lam * ((1 - abar) / abar).sqrt() * score_gap.square()
                     energy = self.obs_weight * fit.detach() + gap.flatten(1).sum(1) / (2 * dim)
-                    callback(RedDiffStepInfo(step, int(t_vec[0]), x_t, mu_before,
-                                             (2 * num_meas * fit.detach()).sqrt(), energy))
+                    info = RedDiffStepInfo(step, int(t_vec[0]), x_t, mu_before,
+                                           (2 * num_meas * fit.detach()).sqrt(), energy)
                 opt.step()
-                chain.remember(mu_before)
-                kept = chain.guard(step, int(t_vec[0]), mu.detach(), mu_before)
-                mu.copy_(kept)
+                mu.copy_(chain.finish(step, int(t_vec[0]), mu_before, mu, mu_before, y, callback, info=info))
         return chain.result(mu.detach())
 
     def _initial(self, chain: ReverseChain, task: Task, y: Tensor) -> Tensor:
@@ -138,7 +135,7 @@ class RedDiff(Solver):
             return chain.initial_state()
         if init == "zeros":
             return torch.zeros_like(like)
-        from .ddrm import spectral_problem  # A^+ y = V (y-bar)
+        from .spectral import spectral_problem  # A^+ y = V (y-bar)
 
         spec = spectral_problem("RED-Diff's pinv init", task, y, chain.model.image_shape, 3e-2)
         return spec.v(spec.ybar, like)
