@@ -107,6 +107,8 @@ def test_recipe_instantiates_with_published_settings(recipe):
     assert isinstance(noise, Poisson if poisson else Gaussian)
     assert (noise.rate == 1.0) if poisson else (noise.sigma == 0.05)
     assert module.seed == 0
+    # the authors' code adds noise at inpainting's missing pixels too; their step sizes assume it
+    assert module.task.noisy_unobserved == ("inpaint" in task)
     # the labels `dpgkit evaluate` puts in its table
     method = "DPS" if kind == "dps" else f"DPG {sampler.upper()}"
     dataset_label = {"ffhq": "FFHQ", "imagenet": "ImageNet", "lsun": "LSUN bedroom"}[dataset]
