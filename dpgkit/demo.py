@@ -200,7 +200,7 @@ def run_demo(
     bar = tqdm(total=2 * len(chosen), desc="demo", disable=not progress, file=sys.stderr)
     for name in chosen:
         task = all_tasks[name]
-        y = task.measure(x, seed=seed, indices=indices)
+        y, task = task.measure(x, seed=seed, indices=indices)
         degraded = degraded_view(task, y, x.shape)
         panels[name] = {"input": degraded, "truth": x}
         scores[name] = {"input": psnr(degraded, x)}

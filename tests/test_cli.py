@@ -119,7 +119,7 @@ def test_outputs_metrics_and_summary(single):
     assert summary["metrics"]["psnr"]["mean"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
     assert summary["metrics"]["lpips"] is None or summary["metrics"]["lpips"]["count"] == 6
     assert "DPG(scale=5.0" in summary["run"]["solver"] and summary["world_size"] == 1
-    assert (summary["method"], summary["task"]) == ("DPG DDIM", "SuperResolution")  # default labels
+    assert (summary["method"], summary["task"]) == ("DPG DDIM", "SR x2")  # labels from the operator and solver that ran
     assert (out / "config.yaml").is_file()
     # the table, and a progress bar counted in images with the running PSNR
     assert "PSNR (dB)" in printed and "broken.png" in printed

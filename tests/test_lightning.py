@@ -13,9 +13,9 @@ from dpgkit.io import ImageError, load_image, quantize
 from dpgkit.lightning import PredictionWriter, Prior, RestorationModule, ShardSampler
 from dpgkit.lightning.datamodule import ImageItems, RestorationDataModule, collate_items, list_items, preprocess_image
 from dpgkit.lightning.module import measurement_picture
-from dpgkit.noise import Gaussian
+from dpgkit.noise import Gaussian, Poisson
 from dpgkit.operators import Inpainting, SuperResolution
-from dpgkit.solvers import DPG
+from dpgkit.solvers import DPG, DPS
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
         "attention_resolutions": "", "learn_sigma": False}
@@ -174,7 +174,11 @@ def test_module_checks_its_parts():
         RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), DPG(1.0), labels={"colour": "red"})
     m = RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), DPG(1.0, sampler="ddim"),
                           labels={"dataset": "FFHQ"})
-    assert m.labels == {"dataset": "FFHQ", "task": "SuperResolution", "method": "DPG DDIM"}
+    assert m.labels == {"dataset": "FFHQ", "task": "SR x2", "method": "DPG DDIM"}
+    with pytest.raises(ValueError, match="come from the operator and solver"):
+        RestorationModule(Prior(TINY), SuperResolution(2), Gaussian(0.05), DPG(1.0), labels={"method": "DPG DDPM"})
+    m = RestorationModule(Prior(TINY), SuperResolution(2), Poisson(1.0), DPS(1.0, sampler="ddim"))
+    assert (m.labels["task"], m.labels["method"]) == ("SR x2 (Poisson)", "DPS DDIM")
 
 
 def test_predict_needs_autograd(module):

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import metrics
 from ..io import quantize
 from ..models.base import DiffusionModel
-from ..noise import NoiseModel
+from ..noise import Gaussian, NoiseModel
 from ..operators.base import Operator
 from ..solvers.base import Solver
 from ..task import Task
@@ -164,8 +164,8 @@ class RestorationModule(pl.LightningModule):
             Reported as unavailable (with the file it needs) when its weights are not on disk.
         lpips_weights: path of the backbone weights (default: the torch hub cache).
         step_progress: also show the solver's per-step bar (default: only the bar over images).
-        labels: "dataset", "task" and "method" as `dpgkit evaluate` shows them in its table
-            (defaults: none, the operator's class, and the solver with its sampler).
+        labels: {"dataset": NAME} for `dpgkit evaluate`'s table; its task and method labels come
+            from the operator and solver that run (`Operator.label`, `Solver.label`).
         noisy_unobserved: add measurement noise at entries the operator does not observe
             (inpainting's missing pixels) too, as the DPS/DPG authors' code does (`dpgkit.Task`).
 
@@ -191,12 +191,12 @@ class RestorationModule(pl.LightningModule):
         self.seed = int(seed)
         self.lpips_net, self.lpips_weights = lpips, lpips_weights
         self.step_progress = step_progress
-        unknown = sorted(set(labels or {}) - {"dataset", "task", "method"})
+        unknown = sorted(set(labels or {}) - {"dataset"})
         if unknown:
-            raise ValueError(f"labels may name dataset, task and method; got {unknown}")
-        sampler = getattr(solver, "sampler", "")
-        method = type(solver).__name__ + (f" {sampler.upper()}" if sampler else "")
-        self.labels = {"dataset": "", "task": type(operator).__name__, "method": method, **(labels or {})}
+            raise ValueError(f"labels may name the dataset only (the task and method labels come from the operator "
+                             f"and solver that run); got {unknown}")
+        task_label = operator.label + (f" ({type(noise).__name__})" if not isinstance(noise, Gaussian) else "")
+        self.labels = {"dataset": "", **(labels or {}), "task": task_label, "method": solver.label}
         self.diffusion: DiffusionModel | None = None
         self.lpips_metric: metrics.LPIPS | None = None
         self.lpips_status = "disabled (model.lpips is null)" if lpips is None else "not checked yet"

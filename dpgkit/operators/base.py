@@ -22,6 +22,12 @@ class Operator(nn.Module):
     is_linear: bool = False
     differentiable: bool = True
     is_random: bool = False
+    task_name: str = ""  # the task as papers' tables name it ("SR x4", "motion deblur")
+
+    @property
+    def label(self) -> str:
+        """The task's name for summaries and `dpgkit evaluate` (default: the class name)."""
+        return self.task_name or type(self).__name__
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

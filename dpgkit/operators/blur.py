@@ -46,6 +46,8 @@ class Blur(LinearOperator):
     "circular". Images (N, C, H, W) of any size; a per-item kernel needs N = B (or `item(b)`).
     """
 
+    task_name = "deblur"
+
     def __init__(self, kernel: Tensor, padding: str = "reflect") -> None:
         super().__init__()
         kernel = torch.as_tensor(kernel)
@@ -145,6 +147,8 @@ class Blur(LinearOperator):
 class GaussianBlur(Blur):
     """Gaussian blur (paper: 61 x 61 kernel, std 3.0)."""
 
+    task_name = "Gaussian deblur"
+
     def __init__(self, kernel_size: int = 61, std: float = 3.0, padding: str = "reflect") -> None:
         super().__init__(gaussian_kernel(kernel_size, std), padding)
         self.kernel_size, self.std = kernel_size, std
@@ -156,6 +160,8 @@ class GaussianBlur(Blur):
 class MotionBlur(Template):
     """Random camera-shake blur (paper: 61 x 61, intensity 0.5), one kernel per item drawn from
     its seed (see `blur_kernels.motion_kernel`); `draw` returns a `Blur`."""
+
+    task_name = "motion deblur"
 
     def __init__(self, kernel_size: int = 61, intensity: float = 0.5, padding: str = "reflect") -> None:
         super().__init__()

@@ -17,6 +17,8 @@ __all__ = ["Colorization"]
 class Colorization(LinearOperator):
     """y (B, 1, H, W) = mean over the C channels of x (B, C, H, W)."""
 
+    task_name = "colorization"
+
     def __init__(self) -> None:
         super().__init__()
         # lets svd() find the module's device and dtype

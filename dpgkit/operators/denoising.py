@@ -18,6 +18,8 @@ __all__ = ["Denoising"]
 class Denoising(LinearOperator):
     """y = x (the noise model adds the noise)."""
 
+    task_name = "denoising"
+
     def __init__(self) -> None:
         super().__init__()
         # lets svd() find the module's device and dtype

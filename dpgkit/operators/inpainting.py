@@ -106,6 +106,8 @@ class Inpainting(LinearOperator):
     Constructors: `Inpainting.box`, `.random`, `.uncrop`, `.from_file`, `.from_files`.
     """
 
+    task_name = "inpaint"
+
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
         mask = torch.as_tensor(mask)
@@ -218,6 +220,8 @@ class BoxInpainting(InpaintingTemplate):
     """A square hole, side drawn in `side` (px, inclusive), placed at random `margin` px or more
     from the border (paper: 128 x 128, 16 px). Also `Inpainting.box(...)`."""
 
+    task_name = "inpaint (box)"
+
     def __init__(self, side: int | Sequence[int] = (128, 128), margin: int = 16) -> None:
         super().__init__()
         lo, hi = _range(side, "side")
@@ -236,6 +240,8 @@ class RandomInpainting(InpaintingTemplate):
     """Random missing pixels (the same in every channel), a fraction drawn in the range `drop`
     (paper: about 0.92). Also `Inpainting.random(...)`."""
 
+    task_name = "inpaint (random)"
+
     def __init__(self, drop: float | Sequence[float] = (0.92, 0.92)) -> None:
         super().__init__()
         self.drop = _range(drop, "drop")
@@ -252,6 +258,8 @@ class RandomInpainting(InpaintingTemplate):
 class MaskSetInpainting(InpaintingTemplate):
     """Masks read from files (see `load_mask`); each item gets one, picked from its seed.
     Also `Inpainting.from_files(...)`."""
+
+    task_name = "inpaint (masks)"
 
     def __init__(self, paths: Sequence[str | Path], size: Sequence[int] | None = None,
                  keep: str = "white") -> None:

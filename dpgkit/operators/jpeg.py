@@ -24,6 +24,8 @@ class JPEG(Operator):
     limitation, without a setting).
     """
 
+    task_name = "JPEG restoration"
+
     differentiable = False
 
     def __init__(self, quality: int = 10) -> None:

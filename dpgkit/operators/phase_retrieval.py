@@ -19,6 +19,8 @@ class PhaseRetrieval(Operator):
     oversample = 2 pads 64 px per side at 256 px, as in the paper and the DPS code.
     """
 
+    task_name = "phase retrieval"
+
     def __init__(self, oversample: float = 2.0) -> None:
         super().__init__()
         if oversample < 0:

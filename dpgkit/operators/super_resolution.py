@@ -114,6 +114,10 @@ class SuperResolution(LinearOperator):
         mh, mw = self._matrix(y.shape[-2] * f, y), self._matrix(y.shape[-1] * f, y)
         return torch.einsum("ih,bcij,jw->bchw", mh, y, mw)
 
+    @property
+    def label(self) -> str:
+        return f"SR x{self.factor}"
+
     def gather_form(self, image_shape: Sequence[int]) -> tuple | None:
         return ("avgpool", self.factor) if self.mode == "avgpool" else None
 

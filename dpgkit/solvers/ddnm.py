@@ -21,6 +21,7 @@ from .. import diffusion as dm
 from ..seeding import randn_per_item
 from ..task import Task
 from .base import Callback, ReverseChain, Solver
+from .params import number
 from .spectral import Spectral, spectral_problem
 
 __all__ = ["DDNM", "travel_schedule"]
@@ -75,10 +76,10 @@ class DDNM(Solver):
     def __init__(self, plus: bool = True, steps: int = 100, eta: float = 0.85,
                  travel_length: int | None = None, travel_repeat: int | None = None,
                  s_min: float = 3e-2, clip: bool = False) -> None:
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        self.plus, self.steps, self.eta, self.clip = bool(plus), int(steps), float(eta), clip
-        self.s_min = float(s_min)
+        self.plus, self.clip = bool(plus), bool(clip)
+        self.steps = number("DDNM", "steps", steps, low=1, integer=True)
+        self.eta = number("DDNM", "eta", eta, low=0, high=1)
+        self.s_min = number("DDNM", "s_min", s_min, low=0)
         # DDNM+'s default travel needs a chain longer than its jump; a short chain runs without it
         travel = plus and travel_length is None and travel_repeat is None and self.steps > 10
         self.travel_length = int(travel_length if travel_length is not None else (10 if travel else 1))

@@ -23,6 +23,7 @@ from .. import diffusion as dm
 from ..seeding import randn_per_item
 from ..task import Task
 from .base import Callback, ReverseChain, Solver
+from .params import number
 from .spectral import Spectral, spectral_problem
 
 __all__ = ["DDRM"]
@@ -41,10 +42,11 @@ class DDRM(Solver):
 
     def __init__(self, steps: int = 20, eta: float = 0.85, eta_b: float = 1.0, s_min: float = 3e-2,
                  clip: bool = False) -> None:
-        if not 0 <= eta <= 1 or not 0 <= eta_b <= 1:
-            raise ValueError(f"eta and eta_b must lie in [0, 1], got eta={eta}, eta_b={eta_b}")
-        self.steps, self.eta, self.eta_b, self.clip = int(steps), float(eta), float(eta_b), clip
-        self.s_min = float(s_min)
+        self.steps = number("DDRM", "steps", steps, low=1, integer=True)
+        self.eta = number("DDRM", "eta", eta, low=0, high=1)
+        self.eta_b = number("DDRM", "eta_b", eta_b, low=0, high=1)
+        self.s_min = number("DDRM", "s_min", s_min, low=0)
+        self.clip = bool(clip)
 
     def __repr__(self) -> str:
         return f"DDRM(steps={self.steps}, eta={self.eta}, eta_b={self.eta_b}, s_min={self.s_min})"

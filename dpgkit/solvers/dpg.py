@@ -20,6 +20,7 @@ from .. import kernels
 from ..seeding import derive_seed
 from ..task import Task
 from .base import Callback, Denoised, Guidance, ReverseChain, Solver, per_image_normalize
+from .params import choice, number
 
 __all__ = ["DPG", "momentum_coefficient", "dpg_eta"]
 
@@ -67,16 +68,23 @@ class DPG(Solver):
         momentum: float = 0.0, r_min: float = 0.0, znorm: float | None = None, r: str = "heuristic",
         backend: str = "auto", chunk_size: int = 256, clip: bool = True,
     ) -> None:
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 (leave-one-out baseline), got {num_samples}")
-        if r not in ("heuristic", "tweedie"):
-            raise ValueError(f"r must be 'heuristic' or 'tweedie', got {r!r}")
-        if backend not in kernels.BACKENDS:
-            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
-        self.scale, self.num_samples, self.sampler = float(scale), int(num_samples), sampler
-        self.steps = steps if steps is not None else (1000 if sampler == "ddpm" else 200)
-        self.momentum, self.r_min, self.znorm, self.r = float(momentum), float(r_min), znorm, r
-        self.backend, self.chunk_size, self.clip = backend, int(chunk_size), clip
+        self.scale = number("DPG", "scale", scale, low=0, low_open=True)
+        # the leave-one-out baseline needs two samples
+        self.num_samples = number("DPG", "num_samples", num_samples, low=2, integer=True)
+        self.sampler = choice("DPG", "sampler", sampler, ("ddpm", "ddim"))
+        self.steps = number("DPG", "steps", steps if steps is not None else (1000 if sampler == "ddpm" else 200),
+                            low=1, integer=True)
+        self.momentum = number("DPG", "momentum", momentum, low=0, high=1, high_open=True)
+        self.r_min = number("DPG", "r_min", r_min, low=0)
+        self.znorm = None if znorm is None else number("DPG", "znorm", znorm, low=0, low_open=True)
+        self.r = choice("DPG", "r", r, ("heuristic", "tweedie"))
+        self.backend = choice("DPG", "backend", backend, kernels.BACKENDS)
+        self.chunk_size = number("DPG", "chunk_size", chunk_size, low=1, integer=True)
+        self.clip = bool(clip)
+
+    @property
+    def label(self) -> str:
+        return f"DPG {self.sampler.upper()}"
 
     def __repr__(self) -> str:
         return (f"DPG(scale={self.scale}, num_samples={self.num_samples}, sampler={self.sampler!r}, "

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..task import Task
 from .base import Callback, Denoised, Guidance, ReverseChain, Solver
+from .params import choice, number
 from .requirements import require_differentiable
 
 __all__ = ["DPS", "require_differentiable"]
@@ -30,8 +31,16 @@ class DPS(Solver):
 
     def __init__(self, scale: float = 1.0, sampler: str = "ddpm", steps: int | None = None,
                  clip: bool = True) -> None:
-        self.scale, self.sampler, self.clip = float(scale), sampler, clip
-        self.steps = steps if steps is not None else (1000 if sampler == "ddpm" else 200)
+        self.scale = number("DPS", "scale", scale, low=0, low_open=True)
+        self.sampler = choice("DPS", "sampler", sampler, ("ddpm", "ddim"))
+        self.steps = number("DPS", "steps", steps if steps is not None else (1000 if sampler == "ddpm" else 200),
+                            low=1, integer=True)
+        self.clip = bool(clip)
+
+    @property
+    def label(self) -> str:
+        # DPS is published with DDPM: the table names the sampler only when it is another
+        return "DPS" if self.sampler == "ddpm" else f"DPS {self.sampler.upper()}"
 
     def __repr__(self) -> str:
         return f"DPS(scale={self.scale}, sampler={self.sampler!r}, steps={self.steps})"

@@ -26,6 +26,7 @@ from ..operators.base import LinearOperator
 from ..seeding import randn_per_item
 from ..task import Task
 from .base import Callback, ReverseChain, Solver, StepInfo
+from .params import choice, number
 from .requirements import require_differentiable
 
 __all__ = ["RedDiff", "RedDiffStepInfo"]
@@ -71,14 +72,12 @@ class RedDiff(Solver):
 
     def __init__(self, steps: int = 1000, lr: float = 0.1, lambda_: float = 0.25, obs_weight: float = 1.0,
                  weighting: str = "linear", init: str = "auto") -> None:
-        if weighting not in _WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {tuple(_WEIGHTINGS)}, got {weighting!r}")
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        self.steps, self.lr, self.lambda_ = int(steps), float(lr), float(lambda_)
-        self.obs_weight, self.weighting, self.init = float(obs_weight), weighting, init
+        self.steps = number("RED-Diff", "steps", steps, low=1, integer=True)
+        self.lr = number("RED-Diff", "lr", lr, low=0, low_open=True)
+        self.lambda_ = number("RED-Diff", "lambda_", lambda_, low=0)
+        self.obs_weight = number("RED-Diff", "obs_weight", obs_weight, low=0, low_open=True)
+        self.weighting = choice("RED-Diff", "weighting", weighting, tuple(_WEIGHTINGS))
+        self.init = choice("RED-Diff", "init", init, _INITS)
 
     def __repr__(self) -> str:
         return (f"RedDiff(steps={self.steps}, lr={self.lr}, lambda_={self.lambda_}, "
