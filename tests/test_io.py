@@ -153,3 +153,19 @@ def test_save_png_checks_shape(tmp_path):
         io.save_png(torch.zeros(2, 4, 4), tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"got shape \(1, 3, 4, 4\)"):
         io.save_png(torch.zeros(1, 3, 4, 4), tmp_path / "x.png")
+
+
+def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from dpgkit.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text("hello", tmp_path / "note.txt")
+        assert (path.stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        private = write_text("secret", tmp_path / "private.txt")
+        assert (private.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import dpgkit as dk
 from dpgkit.models import registry
-from dpgkit.models.registry import CheckpointMismatchError, build_unet, load, register_preset
+from dpgkit.models.registry import CheckpointMismatchError, CheckpointReadError, build_unet, load, register_preset
 from dpgkit.models.unet import unet_from_config
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "adm"
@@ -203,3 +203,26 @@ def test_bf16_autocast_close_to_fp32() -> None:
     assert got.dtype == torch.float32 and got.shape == want.shape
     rel = (got - want).norm() / want.norm()
     assert 0 < rel < 0.05, f"bf16 relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("name", ["cut.pt", "cut.safetensors"])
+def test_a_corrupt_checkpoint_names_the_file_and_never_suggests_unsafe_loading(tmp_path: Path, name: str) -> None:
+    whole = tmp_path / ("whole" + Path(name).suffix)
+    state = build_unet(TINY).state_dict()
+    torch.save(state, whole) if name.endswith(".pt") else save_file(state, str(whole))
+    cut = tmp_path / name
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(CheckpointReadError) as info:
+        load(TINY, checkpoint=cut)
+    msg = str(info.value)
+    assert str(cut) in msg and "Fetch the file again" in msg
+    assert "weights_only=False" not in msg and "\n" not in msg
+
+
+def test_a_pickled_object_checkpoint_is_refused_without_unpickling(tmp_path: Path) -> None:
+    path = tmp_path / "trainer_state.pt"
+    torch.save({"state_dict": build_unet(TINY).state_dict(), "optimizer": Path("x")}, path)
+    with pytest.raises(CheckpointReadError) as info:
+        load(TINY, checkpoint=path)
+    msg = str(info.value)
+    assert str(path) in msg and "state_dict()" in msg and "weights_only=False" not in msg

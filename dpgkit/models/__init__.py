@@ -2,9 +2,10 @@
 
 from .base import DiffusionModel
 from .gmm import GaussianMixture, GaussianMixturePrior
-from .registry import PRESETS, CheckpointMismatchError, build_unet, load, register_preset
+from .registry import PRESETS, CheckpointMismatchError, CheckpointReadError, build_unet, load, register_preset
 from .unet import UNetModel
 
 __all__ = ["DiffusionModel"]
 __all__ += ["GaussianMixture", "GaussianMixturePrior"]
-__all__ += ["PRESETS", "CheckpointMismatchError", "UNetModel", "build_unet", "load", "register_preset"]
+__all__ += ["PRESETS", "CheckpointMismatchError", "CheckpointReadError", "UNetModel", "build_unet", "load",
+            "register_preset"]

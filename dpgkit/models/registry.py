@@ -7,6 +7,7 @@ and shapes against it strictly, then fills it from the file (no throw-away rando
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from .unet import UNET_DEFAULTS, UNetModel, random_init_, unet_from_config
 __all__ = [
     "PRESETS",
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "Preset",
     "build_unet",
     "check_state_dict",
@@ -221,18 +223,36 @@ def check_state_dict(net: nn.Module, state: Mapping[str, Tensor], source: str = 
         raise CheckpointMismatchError(source or "state dict", missing, unexpected, wrong)
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read as tensors: names the file and what is wrong with it."""
+
+    def __init__(self, path: Path, err: BaseException) -> None:
+        if isinstance(err, pickle.UnpicklingError):
+            why = ("it holds Python objects besides tensors, which dpgkit does not unpickle (only tensors are "
+                   "loaded, for safety); save the model's state_dict() (or a .safetensors file) and load that")
+        else:
+            size = path.stat().st_size if path.exists() else 0
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            why = (f"it is not a readable checkpoint ({first}; {size:,} bytes): a truncated or corrupted "
+                   "download? Fetch the file again")
+        super().__init__(f"checkpoint {path}: {why}")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """A flat {name: tensor} state dict on the CPU from a .pt / .pth or .safetensors file."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path), device="cpu")
-    elif suffix in (".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if suffix not in (".safetensors", ".pt", ".pth"):
         raise ValueError(f"checkpoint {path}: expected a .pt, .pth or .safetensors file")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointReadError(path, err) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         keys = list(state)[:10] if isinstance(state, Mapping) else []
         raise TypeError(
