@@ -20,7 +20,7 @@ from .fusion import GatherPlan, apply_plan, energy_kind, plan_for
 from .philox import philox_normal
 from .reference import dpg_direction_batched, dpg_direction_chunked, dpg_direction_eager
 
-__all__ = ["dpg_direction", "fused_plan", "philox_normal", "BACKENDS"]
+__all__ = ["dpg_direction", "fused_plan", "self_check", "philox_normal", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "chunked", "triton")
 
@@ -69,7 +69,7 @@ def fused_plan(x0hat: Tensor, operator, noise, ax0: Tensor | None = None) -> Gat
     return plan
 
 
-def _fused_or_none(x0hat: Tensor, operator, noise, backend: str):
+def _fused_or_none(x0hat: Tensor, operator, noise, backend: str, y: Tensor, r: Tensor, z: Tensor, z_raw: Tensor):
     """(module, plan, ax0) when this item runs fused, else None (after logging why, once)."""
     module = _triton()
     # the interpreter is a correctness path: auto never picks it
@@ -81,7 +81,40 @@ def _fused_or_none(x0hat: Tensor, operator, noise, backend: str):
         _log_once(f"DPG guidance for {type(operator).__name__} with {type(noise).__name__} noise: "
                   f"backend {backend!r} falls back to 'chunked' ({plan})")
         return None
+    failure = self_check(module, x0hat, y, operator, noise, plan, ax0, r, z, z_raw)
+    if failure is not None:
+        _log_once(f"DPG guidance for {type(operator).__name__} with {type(noise).__name__} noise: the fused "
+                  f"kernel ({plan.kind}, {energy_kind(noise)}) failed its self-check on {x0hat.device}, "
+                  f"backend {backend!r} falls back to 'chunked' ({failure})")
+        return None
     return module, plan, ax0
+
+
+SELF_CHECK_SAMPLES = 16
+_checked: dict[tuple[str, str, str], str | None] = {}
+
+
+def self_check(module, x0hat: Tensor, y: Tensor, operator, noise, plan: GatherPlan, ax0: Tensor,
+               r: Tensor, z: Tensor, z_raw: Tensor) -> str | None:
+    """Before a fused kernel kind first runs on a device: the kernel against the eager reference on the
+    same Philox noise, on this very item with a few samples. None when they agree, else why not.
+
+    Done once per (device, operator kind, energy kind) and remembered, so a kernel that was never
+    run on this hardware can fail safely into the chunked path instead of giving wrong guidance.
+    """
+    key = (str(x0hat.device), plan.kind.rstrip("0123456789"), str(energy_kind(noise)))
+    if key not in _checked:
+        try:
+            v, m = module.dpg_direction_fused(x0hat, y, plan, noise, r, z, z_raw, SELF_CHECK_SAMPLES, 12345, ax0=ax0)
+            v_ref, m_ref = dpg_direction_eager(x0hat, y, operator, noise, r, z, z_raw, SELF_CHECK_SAMPLES, 12345,
+                                               stream=philox_normal)
+            gap = float((v.double() * torch.exp(m - m_ref) - v_ref.double()).norm()
+                        / v_ref.double().norm().clamp_min(1e-30))
+            finite = bool(torch.isfinite(v).all()) and bool(torch.isfinite(m))
+            _checked[key] = None if finite and gap < 1e-3 else f"relative error {gap:.2e} against the reference"
+        except Exception as err:  # any launch or compile failure on this hardware
+            _checked[key] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return _checked[key]
 
 
 def dpg_direction(
@@ -101,7 +134,7 @@ def dpg_direction(
     out: dict[int, tuple[Tensor, Tensor]] = {}
     for b in range(batch) if backend in ("auto", "triton") else ():
         op = operator.item(b)
-        fused = _fused_or_none(x0hat[b], op, noise, backend)
+        fused = _fused_or_none(x0hat[b], op, noise, backend, y[b], r[b], z[b], z_raw[b])
         if fused is not None:
             module, plan, ax0 = fused
             out[b] = module.dpg_direction_fused(x0hat[b], y[b], plan, noise, r[b], z[b], z_raw[b],

@@ -137,6 +137,39 @@ def test_same_seed_same_bits(device):
 @pytest.fixture
 def fresh_log(monkeypatch):
     monkeypatch.setattr(kernels, "_logged", set())
+    monkeypatch.setattr(kernels, "_checked", {})
+
+
+def test_a_kernel_that_disagrees_with_the_reference_falls_back_once(device, fresh_log, caplog, monkeypatch):
+    """The self-check before a fused kind first runs on a device: a kernel forced to be wrong (or to
+    fail) is not used; the chunked path runs instead, with one logged reason."""
+    from dpgkit.kernels import triton_dpg
+
+    noise = dk.noise.Gaussian(0.1)
+    operator, shape = _operators(2)["inpainting"]
+    x0hat, y, op, r, z, z_raw = _problem(operator, noise, shape, 2, device)
+    args = (x0hat, y, op, noise, r, z, z_raw, N, [3, 4])
+    good = kernels.dpg_direction(*args, backend="triton")
+    assert kernels._checked and all(v is None for v in kernels._checked.values())  # the real kernel passed
+    honest = triton_dpg.dpg_direction_fused
+
+    def wrong(*a, **k):
+        v, m = honest(*a, **k)
+        return v.flip(-1), m
+
+    for broken in (wrong, lambda *a, **k: 1 / 0):
+        monkeypatch.setattr(kernels, "_checked", {})
+        monkeypatch.setattr(kernels, "_logged", set())
+        monkeypatch.setattr(triton_dpg, "dpg_direction_fused", broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dpgkit.kernels"):
+            v, m = kernels.dpg_direction(*args, backend="triton")
+            kernels.dpg_direction(*args, backend="triton")
+        chunked = kernels.dpg_direction(*args, backend="chunked")
+        assert torch.equal(v, chunked[0]) and torch.equal(m, chunked[1])
+        assert not torch.equal(v, good[0])
+        records = [rec.getMessage() for rec in caplog.records]
+        assert len(records) == 1 and "self-check" in records[0], records
 
 
 @pytest.mark.parametrize("operator", [
