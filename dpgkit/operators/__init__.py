@@ -13,6 +13,7 @@ from .inpainting import (
     RandomInpainting,
 )
 from .jpeg import JPEG
+from .nonlinear_blur import EncodedBlur, NonlinearBlur
 from .phase_retrieval import PhaseRetrieval
 from .super_resolution import SuperResolution
 from .template import Template
@@ -22,5 +23,5 @@ __all__ = [
     "Inpainting", "InpaintingTemplate", "BoxInpainting", "RandomInpainting", "MaskSetInpainting",
     "SuperResolution",
     "Blur", "GaussianBlur", "MotionBlur", "gaussian_kernel", "motion_kernel",
-    "PhaseRetrieval", "JPEG", "Colorization", "Denoising",
+    "PhaseRetrieval", "JPEG", "Colorization", "Denoising", "NonlinearBlur", "EncodedBlur",
 ]

@@ -112,6 +112,18 @@ class KernelWizardConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def coerce(cls, config: KernelWizardConfig | Mapping[str, Any] | None) -> KernelWizardConfig:
+        """A config from itself, bkse's option mapping (`from_options`) or None (GOPRO wVAE)."""
+        if config is None:
+            return cls()
+        if isinstance(config, KernelWizardConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_options(config)
+        raise TypeError(
+            f"config must be a KernelWizardConfig, a bkse option mapping or None, got {type(config).__name__}")
+
 
 GOPRO_WVAE = KernelWizardConfig()
 
@@ -237,7 +249,7 @@ class KernelWizard(nn.Module):
 
     def __init__(self, config: KernelWizardConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        cfg = _as_config(config)
+        cfg = KernelWizardConfig.coerce(config)
         self.config = cfg
         nf, lrelu = cfg.nf, nn.LeakyReLU(0.1)
         self.feature_extractor = nn.Sequential(
@@ -279,16 +291,6 @@ class KernelWizard(nn.Module):
             raise ValueError(f"sharp and blurred images must have one shape, got {tuple(sharp.shape)} "
                              f"and {tuple(blur.shape)}")
         return self.kernel_extractor(self.feature_extractor(sharp), self.feature_extractor(blur))
-
-
-def _as_config(config: KernelWizardConfig | Mapping[str, Any] | None) -> KernelWizardConfig:
-    if config is None:
-        return GOPRO_WVAE
-    if isinstance(config, KernelWizardConfig):
-        return config
-    if isinstance(config, Mapping):
-        return KernelWizardConfig.from_options(config)
-    raise TypeError(f"config must be a KernelWizardConfig, a bkse option mapping or None, got {type(config).__name__}")
 
 
 class KernelWizardCheckpointError(ValueError):
