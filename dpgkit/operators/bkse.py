@@ -368,8 +368,10 @@ def random_kernel_wizard(seed: int, config: KernelWizardConfig | Mapping[str, An
                          device: torch.device | str = "cpu") -> KernelWizard:
     """The network with random weights from `seed` (tests and smoke runs only: its blur means nothing).
 
-    Every tensor is uniform in +-1 / sqrt(fan_in) (PyTorch's default bound; a bias takes its
-    weight's), drawn in state-dict order from one explicit generator; the global RNG is not touched.
+    Every tensor is uniform with variance 1 / fan_in (bound sqrt(3 / fan_in); a bias takes its
+    weight's), so that signals, the kernel code's included, keep their size through the layers
+    (PyTorch's default, a third of that variance, all but erases the code's effect); drawn in
+    state-dict order from one explicit generator, the global RNG untouched.
     """
     with torch.device("meta"):
         net = KernelWizard(config)
@@ -379,7 +381,7 @@ def random_kernel_wizard(seed: int, config: KernelWizardConfig | Mapping[str, An
     for name, ref in net.state_dict().items():
         if ref.dim() > 1:  # dim 1 times the kernel, as PyTorch counts it (also for ConvTranspose2d)
             fan_in = ref.shape[1] * math.prod(ref.shape[2:])
-        bound = 1.0 / math.sqrt(fan_in)
+        bound = math.sqrt(3.0 / fan_in)
         state[name] = (torch.rand(ref.shape, generator=gen) * 2 - 1) * bound
     net.load_state_dict(state, strict=True, assign=True)
     return net.to(device).eval().requires_grad_(False)
