@@ -171,11 +171,11 @@ def test_same_item_same_blur_alone_or_in_a_batch():
     op = NonlinearBlur(init_seed=0, config=TINY)
     x = _images(3)
     task = dk.Task(op, dk.noise.Gaussian(0.0))
-    batch = task.measure(x, seed=5, indices=[7, 8, 9])
-    drawn = task.operator
+    batch, drawn_task = task.measure(x, seed=5, indices=[7, 8, 9])
+    drawn = drawn_task.operator
     assert isinstance(drawn, EncodedBlur) and drawn.batch_size == 3 and drawn.network is op.network
     for b, idx in enumerate([7, 8, 9]):
-        alone = dk.Task(op, dk.noise.Gaussian(0.0)).measure(x[b : b + 1], seed=5, indices=[idx])
+        alone, _ = dk.Task(op, dk.noise.Gaussian(0.0)).measure(x[b : b + 1], seed=5, indices=[idx])
         torch.testing.assert_close(alone[0], batch[b], rtol=0, atol=1e-6)
         with torch.no_grad():  # item b's operator on any number of images (the Monte Carlo states)
             torch.testing.assert_close(drawn.item(b)(x[b : b + 1].expand(2, -1, -1, -1))[1], batch[b],
@@ -188,7 +188,7 @@ def test_same_item_same_blur_alone_or_in_a_batch():
     # the code is fixed once drawn (the DPS code redraws it at every call)
     with torch.no_grad():
         torch.testing.assert_close(drawn(x), drawn(x), rtol=0, atol=0)
-    other = dk.Task(op, dk.noise.Gaussian(0.0)).measure(x, seed=6, indices=[7, 8, 9])
+    other, _ = dk.Task(op, dk.noise.Gaussian(0.0)).measure(x, seed=6, indices=[7, 8, 9])
     assert (other - batch).abs().max() > 1e-3
 
 
@@ -227,14 +227,21 @@ def _two_mode_problem():
     prior = GaussianMixturePrior(means, torch.tensor([0.05, 0.05]), torch.tensor([0.1, 0.9]))
     x = (means[0] + 0.05 * torch.randn(2, *SHAPE, generator=g)).float()
     task = dk.Task(NonlinearBlur(init_seed=0, config=TINY), dk.noise.Gaussian(0.05))
-    y = task.measure(x, seed=0, indices=[2, 3])
-    return prior.as_model(), task, y
+    y, drawn = task.measure(x, seed=0, indices=[2, 3])
+    return prior.as_model(), drawn, y
+
+
+def _unguided(steps: dict) -> dk.solvers.DPS:
+    """The same chain and draws without guidance (a zero scale is refused when a solver is built)."""
+    solver = dk.solvers.DPS(scale=1.0, **steps)
+    solver.scale = 0.0
+    return solver
 
 
 def test_dpg_conditions_on_a_nonlinear_blur():
     model, task, y = _two_mode_problem()
     steps, indices = dict(sampler="ddpm", steps=10), [2, 3]
-    unguided = dk.solvers.DPS(scale=0.0, **steps).restore(model, task, y, seed=0, indices=indices)
+    unguided = _unguided(steps).restore(model, task, y, seed=0, indices=indices)
     guided = dk.solvers.DPG(scale=10.0, num_samples=6, **steps).restore(model, task, y, seed=0, indices=indices)
 
     def residual(out):
@@ -248,7 +255,7 @@ def test_dpg_conditions_on_a_nonlinear_blur():
 def test_dps_differentiates_through_it():
     model, task, y = _two_mode_problem()
     steps, indices = dict(sampler="ddpm", steps=10), [2, 3]
-    unguided = dk.solvers.DPS(scale=0.0, **steps).restore(model, task, y, seed=0, indices=indices)
+    unguided = _unguided(steps).restore(model, task, y, seed=0, indices=indices)
     guided = dk.solvers.DPS(scale=0.3, **steps).restore(model, task, y, seed=0, indices=indices)
     res = lambda out: (task.operator(out) - y).flatten(1).norm(dim=1)  # noqa: E731
     with torch.no_grad():
@@ -261,7 +268,7 @@ def test_recipe_reads_the_checkpoint_only_when_drawing(tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "imagenet_nonlinear_deblur.yaml"
     args = ["--config", str(recipe), "--model.prior.checkpoint", "null", "--trainer.accelerator", "cpu",
             "--model.operator.init_args.checkpoint", str(tmp_path / "GOPRO_wVAE.pth")]
-    template = PredictCLI(args=args, run=False).model.task.template
+    template = PredictCLI(args=args, run=False).model.task.operator
     assert isinstance(template, NonlinearBlur) and template._network is None
     with pytest.raises(FileNotFoundError, match=r"GOPRO_wVAE\.pth.*VinAIResearch"):
         dk.Task(template, dk.noise.Gaussian(0.05)).measure(torch.zeros(1, 3, 256, 256))

@@ -45,6 +45,7 @@ class EncodedBlur(Operator):
     """
 
     differentiable = True
+    task_name = "non-linear deblur"
 
     def __init__(self, network: KernelWizard, codes: Tensor) -> None:
         super().__init__()
@@ -109,6 +110,7 @@ class NonlinearBlur(Operator):
 
     is_random = True
     differentiable = True
+    task_name = "non-linear deblur"
 
     def __init__(self, checkpoint: str | Path | None = None, code_scale: float = 1.2,
                  config: dict[str, Any] | None = None, init_seed: int | None = None,
