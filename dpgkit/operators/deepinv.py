@@ -212,8 +212,13 @@ def noise_from_deepinv(physics_or_noise: Any, scale: float = 2.0) -> NoiseModel:
             outside the [0, 1] convention.
     """
     deepinv = _import_deepinv()
-    noise = getattr(physics_or_noise, "noise_model", physics_or_noise)
     kinds = deepinv.physics
+    if isinstance(physics_or_noise, kinds.Physics):
+        noise = physics_or_noise.noise_model
+    elif isinstance(physics_or_noise, kinds.NoiseModel):
+        noise = physics_or_noise
+    else:
+        raise TypeError(f"expected a deepinv Physics or NoiseModel, got {type(physics_or_noise).__name__}")
     name = type(noise).__name__
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
