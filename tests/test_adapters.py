@@ -23,9 +23,9 @@ from dpgkit.solvers.dpg import DPG
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _measure(task: dk.Task, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    out = task.measure(x, seed=seed)
-    return out[0] if isinstance(out, tuple) else out  # (y, drawn task) once Task is immutable
+def _measure(task: dk.Task, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dk.Task]:
+    y, drawn = task.measure(x, seed=seed)
+    return y, drawn
 
 
 def _write_images(folder: Path, count: int = 2, size: int = 16) -> None:
@@ -226,6 +226,7 @@ def test_deepinv_inpainting_matches_dpgkit_inpainting_and_has_an_svd_view():
     torch.testing.assert_close(wrapped(x), own(x))
     torch.testing.assert_close(wrapped.adjoint(y), own.adjoint(y))
     assert _adjoint_gap(wrapped, x, y) < 1e-6
+    torch.testing.assert_close(wrapped.observed(), own.observed())
     view, own_view = wrapped.svd((3, 8, 8)), own.svd((3, 8, 8))
     # dpgkit's mask view lists the observed entries only; the generic view keeps the zeros after them
     r = own_view.singulars().shape[-1]
@@ -293,10 +294,10 @@ def test_dpg_restores_with_a_wrapped_deepinv_physics():
     task = dk.Task(dk.operators.from_deepinv(physics), dk.operators.noise_from_deepinv(physics))
     assert task.noise.sigma == pytest.approx(0.02)
     x = torch.rand(2, *SHAPE, generator=g) * 1.6 - 0.8
-    y = _measure(task, x)
+    y, task = _measure(task, x)
     model = _gaussian_model()
     kwargs = dict(num_samples=32, sampler="ddim", steps=20)
-    unguided = DPG(scale=0.0, **kwargs).restore(model, task, y, seed=0)
+    unguided = DPG(scale=1e-9, **kwargs).restore(model, task, y, seed=0)  # scale 0 is refused
     guided = DPG(scale=2.0, **kwargs).restore(model, task, y, seed=0)
 
     def residual(out):
@@ -305,7 +306,8 @@ def test_dpg_restores_with_a_wrapped_deepinv_physics():
     assert (residual(guided) < 0.5 * residual(unguided)).all(), (residual(guided), residual(unguided))
     # and exactly what DPG gives on dpgkit's own operator with the same mask
     own = dk.Task(dk.operators.Inpainting(mask), dk.noise.Gaussian(0.02))
-    torch.testing.assert_close(_measure(own, x), y)
+    own_y, own = _measure(own, x)
+    torch.testing.assert_close(own_y, y)  # missing pixels are exactly 0 in both (observed() is the mask)
     torch.testing.assert_close(DPG(scale=2.0, **kwargs).restore(model, own, y, seed=0), guided)
 
 
@@ -317,7 +319,7 @@ def test_ddrm_runs_on_a_wrapped_decomposable_physics():
                       dk.noise.Gaussian(0.05))
     own = dk.Task(dk.operators.Inpainting(mask.clone()), dk.noise.Gaussian(0.05))
     x = torch.rand(1, *SHAPE, generator=g) * 1.6 - 0.8
-    y = _measure(own, x)
+    y, own = _measure(own, x)
     solver = dk.solvers.DDRM(steps=10)
     torch.testing.assert_close(solver.restore(_gaussian_model(), wrapped, y, seed=0),
                                solver.restore(_gaussian_model(), own, y, seed=0), rtol=1e-4, atol=1e-4)

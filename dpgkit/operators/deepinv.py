@@ -91,6 +91,14 @@ class DeepinvLinearOperator(LinearOperator):
     def adjoint(self, y: Tensor) -> Tensor:
         return _tensor_out(self.physics.A_adjoint(y), f"{type(self.physics).__name__}.A_adjoint")
 
+    def observed(self) -> Tensor | None:
+        """deepinv's Inpainting (and Demosaicing): its mask != 0, as dpgkit's Inpainting; else None."""
+        deepinv = _import_deepinv()
+        if isinstance(self.physics, deepinv.physics.Inpainting) and isinstance(self.physics.mask, Tensor):
+            return (self.physics.mask != 0).to(self.physics.mask.dtype if self.physics.mask.is_floating_point()
+                                               else torch.float32)
+        return None
+
     def svd(self, image_shape: Sequence[int] | None = None) -> DeepinvSVD:
         deepinv = _import_deepinv()
         if not isinstance(self.physics, deepinv.physics.DecomposablePhysics):
