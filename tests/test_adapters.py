@@ -371,3 +371,36 @@ def test_lightning_run_predict_writes_what_dpgkit_predict_writes(tmp_path):
     other = subprocess.run([str(lightning_script), "fit", "x.yaml"], capture_output=True, text=True, timeout=120)
     assert other.returncode == 2
     assert "lightning run predict" in other.stderr and "fabric" in other.stderr
+
+
+def test_only_dpgkit_installs_a_lightning_script():
+    from importlib.metadata import entry_points
+
+    scripts = [ep for ep in entry_points(group="console_scripts") if ep.name == "lightning"]
+    if not scripts:
+        pytest.skip("dpgkit's entry points are not installed (pip install -e .)")
+    assert [ep.value for ep in scripts] == ["dpgkit.lightning.lightning_command:main"], scripts
+    assert all(ep.dist is None or ep.dist.name == "dpgkit" for ep in scripts)
+
+
+def test_missing_optional_packages_name_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    monkeypatch.setitem(sys.modules, "deepinv", None)
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
+    (tmp_path / "u" / "scheduler_config.json").write_text("{}")
+    with pytest.raises(ImportError, match=r"dpgkit\[diffusers\]"):
+        dk.models.from_diffusers(tmp_path / "u")
+    with pytest.raises(ImportError, match=r"dpgkit\[deepinv\]"):
+        dk.operators.from_deepinv(object())
+
+
+def test_a_recipe_prior_names_one_source(tmp_path):
+    from dpgkit.lightning.module import Prior
+
+    with pytest.raises(ValueError, match="exactly one of preset"):
+        Prior()
+    with pytest.raises(ValueError, match="exactly one of preset"):
+        Prior("adm-imagenet256", diffusers=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        Prior(diffusers=str(tmp_path / "absent")).image_shape  # noqa: B018 - the property reads the folder
