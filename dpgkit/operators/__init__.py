@@ -4,6 +4,7 @@ from .base import BlackBox, LinearOperator, Operator, SVDView
 from .blur import Blur, GaussianBlur, MotionBlur
 from .blur_kernels import gaussian_kernel, motion_kernel
 from .colorization import Colorization
+from .deepinv import from_deepinv, noise_from_deepinv
 from .denoising import Denoising
 from .inpainting import (
     BoxInpainting,
@@ -24,4 +25,5 @@ __all__ = [
     "SuperResolution",
     "Blur", "GaussianBlur", "MotionBlur", "gaussian_kernel", "motion_kernel",
     "PhaseRetrieval", "JPEG", "Colorization", "Denoising", "NonlinearBlur", "EncodedBlur",
+    "from_deepinv", "noise_from_deepinv",
 ]
