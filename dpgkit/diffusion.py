@@ -118,7 +118,14 @@ class Schedule:
         """Keep a subset of the steps; betas recomputed so that abar is unchanged on them."""
         if spec is None or spec == "" or spec == len(self):
             return self
-        keep = space_timesteps(len(self), spec)
+        return self.subset(space_timesteps(len(self), spec))
+
+    def subset(self, keep: list[int]) -> Schedule:
+        """Keep exactly the steps `keep` (indices into this chain, ascending, no repeats); betas
+        recomputed so that abar is unchanged on them (a solver's own spacing, e.g. DiffPIR's)."""
+        keep = [int(k) for k in keep]
+        if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= len(self):
+            raise ValueError(f"expected ascending, distinct steps in [0, {len(self) - 1}], got {keep}")
         abar = self.alphas_cumprod[keep]
         prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return Schedule(1 - abar / prev, self.timesteps[keep], self.num_train_timesteps)

@@ -371,10 +371,29 @@ class GaussianMixturePrior:
         dev = like.device
         return self.means.to(dev), self.variances.to(dev), self.weights.to(dev)
 
-    def abar(self, t: Tensor | int, batch: int, device: torch.device) -> Tensor:
-        """abar at integer timesteps t (scalar or (B,)), shape (B, 1, 1), float64."""
-        steps = _as_timesteps(t, batch, len(self._abar), device)
-        return self._abar.to(device)[steps].reshape(batch, 1, 1)
+    def abar(self, t: Tensor | int | float, batch: int, device: torch.device) -> Tensor:
+        """abar at timesteps t (scalar or (B,)), shape (B, 1, 1), float64.
+
+        Integer t index the schedule. Fractional t (continuous-time samplers such as DAPS feed
+        the network between training timesteps, as the guided-diffusion UNet accepts) interpolate
+        log abar linearly between the two neighbouring timesteps.
+        """
+        table = self._abar.to(device)
+        tt = torch.as_tensor(t, device=device)
+        if not tt.is_floating_point() or bool((tt == tt.round()).all()):
+            steps = _as_timesteps(t, batch, len(self._abar), device)
+            return table[steps].reshape(batch, 1, 1)
+        tt = tt.to(_F64).reshape(-1)
+        tt = tt.expand(batch) if tt.numel() == 1 else tt
+        if tt.numel() != batch:
+            raise ValueError(f"got {tt.numel()} timesteps for a batch of {batch}")
+        if bool(((tt < 0) | (tt > len(table) - 1)).any()) or not bool(tt.isfinite().all()):
+            raise ValueError(f"timesteps must lie in [0, {len(table) - 1}], got {tt.tolist()}")
+        lo = tt.floor().long()
+        hi = (lo + 1).clamp_max(len(table) - 1)
+        w = tt - lo
+        log_abar = (1 - w) * table[lo].log() + w * table[hi].log()
+        return log_abar.exp().reshape(batch, 1, 1)
 
     # -- the noised prior -----------------------------------------------------------------
 

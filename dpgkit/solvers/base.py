@@ -116,7 +116,10 @@ class ReverseChain:
     """The bookkeeping of one reverse run: schedule, per-item noise, the non-finite guard."""
 
     def __init__(self, model: DiffusionModel, y: Tensor, task: Task, sampler: str, steps: int,
-                 seed: int, indices: Sequence[int] | None, progress: bool | None, name: str) -> None:
+                 seed: int, indices: Sequence[int] | None, progress: bool | None, name: str,
+                 timesteps: Sequence[int] | None = None) -> None:
+        """timesteps: run exactly these steps of the model's schedule (ascending) instead of
+        `steps` evenly spaced ones (a method's own spacing, e.g. DiffPIR's quadratic one)."""
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         if not isinstance(y, Tensor):
@@ -138,7 +141,7 @@ class ReverseChain:
                              "task.measure (or task.draw) returned for these items")
         total = len(model.schedule)
         spec = None if sampler == "ddpm" and steps == total else (f"ddim{steps}" if sampler == "ddim" else steps)
-        self.schedule = model.schedule.respace(spec)
+        self.schedule = model.schedule.respace(spec) if timesteps is None else model.schedule.subset(list(timesteps))
         self.num_steps = len(self.schedule)
         self.device = y.device
         self.progress = sys.stderr.isatty() if progress is None else progress
