@@ -19,7 +19,7 @@ import yaml
 import dpgkit as dk
 from dpgkit.models.gmm import GaussianMixturePrior
 from dpgkit.operators.base import BlackBox, LinearOperator
-from dpgkit.solvers import DDNM, DDRM, RedDiff
+from dpgkit.solvers import DAPS, DDNM, DDRM, DiffPIR, PiGDM, RedDiff
 from dpgkit.solvers.ddnm import travel_schedule
 from dpgkit.solvers.ddrm import spectral_problem
 from dpgkit.solvers.reddiff import RedDiffStepInfo
@@ -250,6 +250,13 @@ RECIPE_SOLVERS = {
     "ddrm": lambda task: (DDRM, {"steps": 100 if task == "random_inpaint" else 20, "eta": 0.85, "eta_b": 1.0}),
     "ddnm": lambda task: (DDNM, {"plus": not task.endswith("deblur"), "steps": 100, "eta": 0.85}),
     "reddiff": lambda task: (RedDiff, {"steps": 1000, "lr": 0.1, "lambda_": 0.25, "weighting": "linear"}),
+    # the authors' own per-task defaults (docstrings of dpgkit.solvers.daps / pigdm / diffpir)
+    "daps": lambda task: (DAPS, {"annealing_steps": 200, "ode_steps": 5, "langevin_steps": 100, "tau": 0.01,
+                                 "lr_min_ratio": 0.01,
+                                 "lr": 5e-5 if task in ("motion_deblur", "phase_retrieval") else 1e-4}),
+    "pigdm": lambda task: (PiGDM, {"steps": 100, "eta": 0.0, "scale": 1.0}),
+    "diffpir": lambda task: (DiffPIR, {"steps": 20 if task == "random_inpaint" else 100, "lambda_": 1.0,
+                                       "zeta": {"sr": 0.25, "random_inpaint": 1.0}.get(task, 0.1)}),
 }
 
 
@@ -257,6 +264,7 @@ def test_every_table1_task_has_baseline_recipes():
     names = {p.stem for p in BASELINE_RECIPES}
     expected = {f"{d}_{t}_{m}" for d in ("ffhq", "imagenet")
                 for t in ("random_inpaint", "sr", "gaussian_deblur", "motion_deblur") for m in RECIPE_SOLVERS}
+    expected |= {"ffhq_phase_retrieval_daps", "imagenet_phase_retrieval_daps"}  # DAPS's non-linear showcase
     assert names == expected, names ^ expected
 
 
@@ -278,7 +286,7 @@ def test_baseline_recipe_instantiates_and_applies(recipe):
     module.build_prior()
     shape = module.diffusion.image_shape
     y, task = module.task.measure(torch.zeros(1, *shape), seed=0)
-    if method == "reddiff":
+    if method in ("reddiff", "daps"):
         assert module.task.operator.differentiable
     else:
         spec = spectral_problem(method, task, y, shape)
