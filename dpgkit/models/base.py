@@ -18,8 +18,10 @@ class DiffusionModel(nn.Module):
     """Wraps any eps predictor `fn(x_t, t) -> out`.
 
     `t` holds integer timesteps (0..T-1) of the original schedule, also when a solver runs a
-    respaced chain. `out` has C channels (eps) or 2C (eps, then the learned-range variance values
-    in [-1, 1]); which one is detected from the output unless `learned_sigma` is given.
+    respaced chain; DAPS alone passes fractional ones (continuous VP time, as its authors feed ADM
+    networks), which the guided-diffusion UNet and the Gaussian-mixture prior accept. `out` has C
+    channels (eps) or 2C (eps, then the learned-range variance values in [-1, 1]); which one is
+    detected from the output unless `learned_sigma` is given.
 
     Args:
         fn: an nn.Module or a plain callable.

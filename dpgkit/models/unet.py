@@ -5,8 +5,9 @@ follow the public checkpoints (OpenAI ImageNet 256 unconditional, LSUN, DPS FFHQ
 state dicts load strictly. Half precision is left to `torch.autocast` (`use_fp16` is accepted and
 ignored); group norms always compute in float32.
 
-Input `x` is (B, C, H, W) in [-1, 1], `t` the integer timesteps (B,) of the original schedule;
-the output is (B, C, H, W) eps, or (B, 2C, H, W) eps then the learned-range variance values.
+Input `x` is (B, C, H, W) in [-1, 1], `t` the timesteps (B,) of the original schedule (integers,
+or fractional for continuous-time samplers); the output is (B, C, H, W) eps, or (B, 2C, H, W) eps
+then the learned-range variance values.
 """
 
 from __future__ import annotations
