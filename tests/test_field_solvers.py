@@ -24,8 +24,8 @@ from dpgkit.models.gmm import operator_matrix
 from dpgkit.operators.base import BlackBox
 from dpgkit.solvers import DAPS, DiffPIR, PiGDM
 from dpgkit.solvers.daps import edm_denoise, edm_sigmas, vp_timestep
-from dpgkit.solvers.ddrm import spectral_problem
 from dpgkit.solvers.diffpir import quad_timesteps
+from dpgkit.solvers.spectral import spectral_problem
 
 # Reduced step counts for a 2-core test run; the settings that matter are named per method.
 FAST = {
@@ -123,7 +123,7 @@ def test_daps_runs_on_phase_retrieval():
     prior = gmm_prior()
     task = dk.Task(dk.operators.PhaseRetrieval(oversample=2.0), dk.noise.Gaussian(0.05))
     x = prior.sample(2, torch.Generator().manual_seed(3)).float()
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     seen = []
     out = DAPS(annealing_steps=20, langevin_steps=20, lr=1e-3, tau=None).restore(
         prior.as_model(), task, y, callback=seen.append)
@@ -139,7 +139,7 @@ def test_pigdm_weighting_matches_dense_algebra():
     """A^T (r^2 A A^T + sigma_y^2 I)^{-1} (y - A x0) through the SVD equals the dense solve."""
     task = dk.Task(make_operator("blur"), dk.noise.Gaussian(0.1))
     x = gmm_prior().sample(2, torch.Generator().manual_seed(1)).float()
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     spec = spectral_problem("PiGDM", task, y, SHAPE, s_min=0.0)
     x0 = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(2))
     r2 = 0.3
@@ -155,7 +155,7 @@ def test_pigdm_weighting_matches_dense_algebra():
 def test_diffpir_data_step_is_the_ridge_solution(problem):
     task = dk.Task(make_operator(problem), dk.noise.Gaussian(0.05))
     x = gmm_prior().sample(2, torch.Generator().manual_seed(1)).float()
-    y = task.measure(x, seed=0)
+    y, task = task.measure(x, seed=0)
     spec = spectral_problem("DiffPIR", task, y, SHAPE, s_min=0.0)
     x0 = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(2))
     rho = 0.07
@@ -219,3 +219,27 @@ def test_gmm_accepts_fractional_timesteps():
     torch.testing.assert_close(prior.abar(torch.tensor([10.0, 11.0]), 2, torch.device("cpu")).flatten(), a)
     with pytest.raises(ValueError, match="lie in"):
         prior.abar(999.5, 1, torch.device("cpu"))
+
+
+BAD = [
+    (DAPS, {"lr": 0.0}, "DAPS lr must be a finite number > 0, got 0.0"),
+    (DAPS, {"annealing_steps": 0}, "DAPS annealing_steps must be a whole number >= 1, got 0"),
+    (DAPS, {"tau": -0.01}, "DAPS tau must be a finite number > 0, got -0.01"),
+    (DAPS, {"sigma_min": 0.001}, "DAPS sigma_min must be a finite number >= 0.01, got 0.001"),
+    (DAPS, {"timestep_map": "vpp"}, "(did you mean 'vp'?)"),
+    (PiGDM, {"eta": 1.5}, "PiGDM eta must be a finite number >= 0 and <= 1, got 1.5"),
+    (PiGDM, {"steps": 0}, "PiGDM steps must be a whole number >= 1, got 0"),
+    (DiffPIR, {"zeta": 2.0}, "DiffPIR zeta must be a finite number >= 0 and <= 1, got 2.0"),
+    (DiffPIR, {"lambda_": 0.0}, "DiffPIR lambda_ must be a finite number > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize(("solver", "kwargs", "message"), BAD, ids=[f"{s.__name__}-{k}" for s, k, _ in BAD])
+def test_invalid_parameters_are_refused_with_the_allowed_range(solver, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        solver(**kwargs)
+    assert message in str(err.value)
+
+
+def test_labels():
+    assert (DAPS().label, PiGDM().label, DiffPIR().label) == ("DAPS", "PiGDM", "DiffPIR")

@@ -100,8 +100,14 @@ class Solver(ABC):
         Raises ValueError when the solver cannot solve the task (it names the method that can).
         """
         self.check(task)
-        chain = ReverseChain(model, y, task, self.sampler, self.steps, seed, indices, progress, self.label)
+        chain = ReverseChain(model, y, task, self.sampler, self.steps, seed, indices, progress, self.label,
+                             timesteps=self.chain_timesteps(model))
         return self.sample(chain, task, y, callback)
+
+    def chain_timesteps(self, model: DiffusionModel) -> Sequence[int] | None:
+        """The model's timesteps the chain runs, ascending, when a method spaces them its own way
+        (None: `steps` evenly strided ones, as `sampler` respaces them)."""
+        return None
 
     def check(self, task: Task) -> None:
         """Raise ValueError (naming a method that can) when this solver cannot solve `task`."""

@@ -39,7 +39,6 @@ gradients (20000; no network backward).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -48,8 +47,9 @@ from ..models.base import DiffusionModel
 from ..noise import Gaussian
 from ..seeding import generator
 from ..task import Task
-from .base import Callback, ReverseChain, Solver, StepInfo
-from .dps import require_differentiable
+from .base import Callback, ReverseChain, Solver
+from .params import choice, number
+from .requirements import require_differentiable
 
 __all__ = ["DAPS", "edm_sigmas", "vp_timestep", "edm_denoise"]
 
@@ -121,26 +121,22 @@ class DAPS(Solver):
     """
 
     name = "daps"
+    sampler = "ddpm"
 
     def __init__(self, annealing_steps: int = 200, ode_steps: int = 5, langevin_steps: int = 100,
                  lr: float = 1e-4, lr_min_ratio: float = 0.01, tau: float | None = 0.01,
                  sigma_max: float = 100.0, sigma_min: float = 0.1, ode_sigma_min: float = 0.01,
                  timestep_map: str = "auto") -> None:
-        if annealing_steps < 1 or ode_steps < 1 or langevin_steps < 0:
-            raise ValueError(f"need annealing_steps >= 1, ode_steps >= 1, langevin_steps >= 0, got "
-                             f"{annealing_steps}, {ode_steps}, {langevin_steps}")
-        if lr <= 0 or (tau is not None and tau <= 0):
-            raise ValueError(f"lr and tau must be > 0, got lr={lr}, tau={tau}")
-        if not 0 < ode_sigma_min <= sigma_min < sigma_max:
-            raise ValueError(f"need 0 < ode_sigma_min <= sigma_min < sigma_max, got {ode_sigma_min}, "
-                             f"{sigma_min}, {sigma_max}")
-        if timestep_map not in ("auto", "vp", "schedule"):
-            raise ValueError(f"timestep_map must be 'auto', 'vp' or 'schedule', got {timestep_map!r}")
-        self.annealing_steps, self.ode_steps = int(annealing_steps), int(ode_steps)
-        self.langevin_steps = int(langevin_steps)
-        self.lr, self.lr_min_ratio, self.tau = float(lr), float(lr_min_ratio), None if tau is None else float(tau)
-        self.sigma_max, self.sigma_min, self.ode_sigma_min = float(sigma_max), float(sigma_min), float(ode_sigma_min)
-        self.timestep_map = timestep_map
+        self.annealing_steps = number("DAPS", "annealing_steps", annealing_steps, low=1, integer=True)
+        self.ode_steps = number("DAPS", "ode_steps", ode_steps, low=1, integer=True)
+        self.langevin_steps = number("DAPS", "langevin_steps", langevin_steps, low=0, integer=True)
+        self.lr = number("DAPS", "lr", lr, low=0, low_open=True)
+        self.lr_min_ratio = number("DAPS", "lr_min_ratio", lr_min_ratio, low=0)
+        self.tau = None if tau is None else number("DAPS", "tau", tau, low=0, low_open=True)
+        self.ode_sigma_min = number("DAPS", "ode_sigma_min", ode_sigma_min, low=0, low_open=True)
+        self.sigma_min = number("DAPS", "sigma_min", sigma_min, low=self.ode_sigma_min)
+        self.sigma_max = number("DAPS", "sigma_max", sigma_max, low=self.sigma_min, low_open=True)
+        self.timestep_map = choice("DAPS", "timestep_map", timestep_map, ("auto", "vp", "schedule"))
 
     def __repr__(self) -> str:
         return (f"DAPS(annealing_steps={self.annealing_steps}, ode_steps={self.ode_steps}, "
@@ -151,42 +147,34 @@ class DAPS(Solver):
         """The K + 1 annealing levels: the poly-7 grid with its last value replaced by 0."""
         return edm_sigmas(self.sigma_max, self.sigma_min, self.annealing_steps)[:-1] + [0.0]
 
-    def restore(
-        self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
-        indices: Sequence[int] | None = None, callback: Callback | None = None,
-        progress: bool | None = None,
-    ) -> Tensor:
+    def chain_timesteps(self, model: DiffusionModel) -> list[int]:
+        # the chain's bookkeeping only (seeds, guard, progress): DAPS walks its own noise levels
+        return list(range(len(model.schedule)))
+
+    def check(self, task: Task) -> None:
         require_differentiable(task, "DAPS")
         if not isinstance(task.noise, Gaussian):
             raise ValueError(
                 f"DAPS's Langevin step uses the Gaussian likelihood, got {task.noise!r}. "
                 "Use dpgkit.solvers.DPG, which supports Poisson noise."
             )
-        tau = self.tau if self.tau is not None else math.sqrt(2) * task.noise.sigma
-        if tau <= 0:
-            raise ValueError("tau=None takes sqrt(2) sigma_y, but the task is noiseless: give tau")
-        # the chain's bookkeeping only: DAPS walks its own noise levels, not the model's schedule
-        chain = ReverseChain(model, y, task, "ddpm", len(model.schedule), seed, indices, progress, "DAPS")
-        sigmas = self.sigmas()
-        levels = list(range(self.annealing_steps))
-        if chain.progress:
-            from tqdm.auto import tqdm
+        if self.tau is None and task.noise.sigma <= 0:
+            raise ValueError("DAPS tau=None takes sqrt(2) sigma_y, but the task is noiseless: give tau")
 
-            levels = tqdm(levels, desc="DAPS", leave=False)
+    def sample(self, chain: ReverseChain, task: Task, y: Tensor, callback: Callback | None) -> Tensor:
+        model = chain.model
+        tau = self.tau if self.tau is not None else math.sqrt(2) * task.noise.sigma
+        sigmas = self.sigmas()
         x = self.sigma_max * chain.initial_state()
-        for step in levels:
+        for step, _i, _j in chain.moves(list(range(self.annealing_steps - 1, -2, -1))):  # K moves, one per level
             sigma = sigmas[step]
             t = int(round(vp_timestep(model, sigma, self.timestep_map)))
             with torch.no_grad():
                 x0hat = self._ode(model, x, sigma)
             x0y = self._langevin(chain, task, y, x0hat, sigma, tau, step)
             with torch.no_grad():
-                z = self._noise(chain, step, "renoise", x)
-                x_next = x0y + sigmas[step + 1] * z
-                chain.remember(x0y)
-                if callback is not None:
-                    callback(StepInfo(step, t, x, x0y, chain.residual(y, x0y)))
-                x = chain.guard(step, t, x_next, x)
+                x_next = x0y + sigmas[step + 1] * self._noise(chain, step, "renoise", x)
+            x = chain.finish(step, t, x, x_next, x0y, y, callback)
         return chain.result(x)
 
     def _ode(self, model: DiffusionModel, x: Tensor, sigma: float) -> Tensor:

@@ -30,7 +30,6 @@ network evaluation, no VJP; the data step is two SVD-basis transforms.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -38,8 +37,9 @@ from torch import Tensor
 from ..models.base import DiffusionModel
 from ..seeding import randn_per_item
 from ..task import Task
-from .base import Callback, ReverseChain, Solver, StepInfo
-from .ddrm import Spectral, spectral_problem
+from .base import Callback, ReverseChain, Solver
+from .params import number
+from .spectral import Spectral, spectral_problem
 
 __all__ = ["DiffPIR", "quad_timesteps"]
 
@@ -47,7 +47,7 @@ __all__ = ["DiffPIR", "quad_timesteps"]
 def quad_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """DiffPIR's "quad" schedule: `steps` timesteps, dense near t = 0, ascending (0 first)."""
     if not 2 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must lie in [2, {num_train_timesteps}], got {steps}")
+        raise ValueError(f"DiffPIR steps must lie in [2, {num_train_timesteps}], got {steps}")
     big = num_train_timesteps
     seq = [int(math.sqrt(k * (big**2 / (steps - 1)))) for k in range(steps)]  # numpy.linspace order
     seq[-1] -= 1
@@ -72,31 +72,25 @@ class DiffPIR(Solver):
     """
 
     name = "diffpir"
+    sampler = "ddim"
 
     def __init__(self, steps: int = 100, lambda_: float = 1.0, zeta: float = 0.1, eta: float = 0.0,
                  s_min: float = 0.0) -> None:
-        if not 0 <= zeta <= 1 or not 0 <= eta <= 1:
-            raise ValueError(f"zeta and eta must lie in [0, 1], got zeta={zeta}, eta={eta}")
-        if lambda_ <= 0:
-            raise ValueError(f"lambda_ must be > 0, got {lambda_}")
-        quad_timesteps(int(steps))  # validates
-        self.steps, self.lambda_, self.zeta = int(steps), float(lambda_), float(zeta)
-        self.eta, self.s_min = float(eta), float(s_min)
+        self.steps = number("DiffPIR", "steps", steps, low=2, integer=True)
+        self.lambda_ = number("DiffPIR", "lambda_", lambda_, low=0, low_open=True)
+        self.zeta = number("DiffPIR", "zeta", zeta, low=0, high=1)
+        self.eta = number("DiffPIR", "eta", eta, low=0, high=1)
+        self.s_min = number("DiffPIR", "s_min", s_min, low=0)
 
     def __repr__(self) -> str:
         return f"DiffPIR(steps={self.steps}, lambda_={self.lambda_}, zeta={self.zeta}, eta={self.eta})"
 
-    def restore(
-        self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
-        indices: Sequence[int] | None = None, callback: Callback | None = None,
-        progress: bool | None = None,
-    ) -> Tensor:
-        spec = spectral_problem("DiffPIR", task, y, model.image_shape, self.s_min)
-        total = len(model.schedule)
-        if self.steps > total:
-            raise ValueError(f"DiffPIR: {self.steps} steps asked of a {total}-step model schedule")
-        chain = ReverseChain(model, y, task, "ddim", self.steps, seed, indices, progress, "DiffPIR",
-                             timesteps=quad_timesteps(self.steps, total))
+    def chain_timesteps(self, model: DiffusionModel) -> list[int]:
+        return quad_timesteps(self.steps, len(model.schedule))
+
+    def sample(self, chain: ReverseChain, task: Task, y: Tensor, callback: Callback | None) -> Tensor:
+        model = chain.model
+        spec = spectral_problem(self.label, task, y, model.image_shape, self.s_min)
         abar, abar_prev = chain.schedule.alphas_cumprod, chain.schedule.alphas_cumprod_prev
         betas = model.schedule.betas
         sigma_n = max(1e-3, spec.sigma_y / 2)  # the authors' [0, 1]-scale noise level
@@ -115,15 +109,12 @@ class DiffPIR(Solver):
                     x0 = self._data_step(spec, x0, rho)
                     eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
                     s_eta = self.eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * float(betas[t]) ** 0.5
-                    z1 = randn_per_item(model.image_shape, seed, chain.indices, "diffpir-eta", step, like=x)
-                    z2 = randn_per_item(model.image_shape, seed, chain.indices, "diffpir", step, like=x)
+                    z1 = randn_per_item(model.image_shape, chain.seed, chain.indices, "diffpir-eta", step, like=x)
+                    z2 = randn_per_item(model.image_shape, chain.seed, chain.indices, "diffpir", step, like=x)
                     keep = max(1 - a_prev - s_eta**2, 0.0) ** 0.5
                     x_next = (a_prev**0.5 * x0 + (1 - self.zeta) ** 0.5 * (keep * eps + s_eta * z1)
                               + self.zeta**0.5 * (1 - a_prev) ** 0.5 * z2)
-                chain.remember(x0)
-                if callback is not None:
-                    callback(StepInfo(step, t, x, x0, chain.residual(y, x0)))
-                x = chain.guard(step, t, x_next, x)
+            x = chain.finish(step, t, x, x_next, x0, y, callback)
         return chain.result(x)
 
     @staticmethod

@@ -24,17 +24,15 @@ one network evaluation and one VJP through it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from .. import diffusion as dm
-from ..models.base import DiffusionModel
 from ..seeding import randn_per_item
 from ..task import Task
-from .base import Callback, ReverseChain, Solver, StepInfo
-from .ddrm import Spectral, spectral_problem
+from .base import Callback, ReverseChain, Solver
+from .params import number
+from .spectral import Spectral, spectral_problem
 
 __all__ = ["PiGDM"]
 
@@ -55,48 +53,41 @@ class PiGDM(Solver):
     """
 
     name = "pigdm"
+    sampler = "ddim"
 
     def __init__(self, steps: int = 100, eta: float = 0.0, scale: float = 1.0, s_min: float = 3e-2,
                  clip: bool = False) -> None:
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        self.steps, self.eta, self.scale = int(steps), float(eta), float(scale)
-        self.s_min, self.clip = float(s_min), clip
+        self.steps = number("PiGDM", "steps", steps, low=1, integer=True)
+        self.eta = number("PiGDM", "eta", eta, low=0, high=1)
+        self.scale = number("PiGDM", "scale", scale, low=0)
+        self.s_min = number("PiGDM", "s_min", s_min, low=0)
+        self.clip = bool(clip)
 
     def __repr__(self) -> str:
         return f"PiGDM(steps={self.steps}, eta={self.eta}, scale={self.scale}, s_min={self.s_min})"
 
-    def restore(
-        self, model: DiffusionModel, task: Task, y: Tensor, seed: int = 0,
-        indices: Sequence[int] | None = None, callback: Callback | None = None,
-        progress: bool | None = None,
-    ) -> Tensor:
-        spec = spectral_problem("PiGDM", task, y, model.image_shape, self.s_min)
-        chain = ReverseChain(model, y, task, "ddim", self.steps, seed, indices, progress, "PiGDM")
+    def sample(self, chain: ReverseChain, task: Task, y: Tensor, callback: Callback | None) -> Tensor:
+        model = chain.model
+        spec = spectral_problem(self.label, task, y, model.image_shape, self.s_min)
         abar_all, abar_prev_all = chain.schedule.alphas_cumprod, chain.schedule.alphas_cumprod_prev
         like = torch.empty(y.shape[0], *model.image_shape, device=y.device, dtype=y.dtype)
         a_T = float(abar_all[-1])
         x = a_T**0.5 * spec.v(spec.ybar, like) + (1 - a_T) ** 0.5 * chain.initial_state()
         for step, i, i_vec, t_vec in chain.steps():
             a_t, a_prev = float(abar_all[i]), float(abar_prev_all[i])
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                x0hat, _ = chain.denoise(x, t_vec, i_vec, self.clip)
+            state, _ = chain.denoised(x, t_vec, i_vec, self.clip)
             with torch.no_grad():
-                x0 = x0hat.detach()
+                x0 = state.x0hat.detach()
                 v = self._weighted_residual(spec, x0, 1 - a_t)
-            (score_y,) = torch.autograd.grad(x0hat, x, grad_outputs=v)
+            (score_y,) = torch.autograd.grad(state.x0hat, state.x_t, grad_outputs=v)
             with torch.no_grad():
-                eps = dm.eps_from_x0(x.detach(), x0, chain.abar(i_vec, x0))
+                eps = dm.eps_from_x0(x, x0, chain.abar(i_vec, x0))
                 x0_y = x0 + self.scale * (1 - a_t) / a_t**0.5 * score_y
                 c1 = self.eta * ((1 - a_t / a_prev) * (1 - a_prev) / (1 - a_t)) ** 0.5
                 c2 = max(1 - a_prev - c1**2, 0.0) ** 0.5
-                z = randn_per_item(model.image_shape, seed, chain.indices, "pigdm", step, like=x0)
+                z = randn_per_item(model.image_shape, chain.seed, chain.indices, "pigdm", step, like=x0)
                 x_next = a_prev**0.5 * x0_y + c1 * z + c2 * eps
-                chain.remember(x0_y)
-                if callback is not None:
-                    callback(StepInfo(step, int(t_vec[0]), x.detach(), x0_y, chain.residual(y, x0_y)))
-                x = chain.guard(step, int(t_vec[0]), x_next, x.detach())
+            x = chain.finish(step, int(t_vec[0]), x, x_next, x0_y, y, callback)
         return chain.result(x)
 
     @staticmethod
