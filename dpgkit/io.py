@@ -11,10 +11,13 @@ process is killed mid-write or several processes write the same folder.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import importlib.util
 import json
 import os
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,17 @@ from torch import Tensor
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MASK_THRESHOLD",
+    "PACKAGE_SCHEME",
     "ImageError",
     "atomic_path",
     "from_uint8",
     "load_image",
+    "load_mask",
     "quantize",
+    "read_idx_images",
     "read_json",
+    "resolve_path",
     "save_png",
     "to_uint8",
     "write_json",
@@ -39,6 +47,10 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ALPHA_POLICIES = ("skip", "white", "black")
+# A mask pixel is observed when its 8-bit level is at least this (brighter than mid-grey).
+MASK_THRESHOLD = 128
+# `pkg://PACKAGE/PATH`: a file shipped inside an installed Python package (see `resolve_path`).
+PACKAGE_SCHEME = "pkg://"
 
 
 class ImageError(ValueError):
@@ -172,6 +184,64 @@ def load_image(path: str | Path, channels: int = 3, alpha: str = "skip") -> tupl
         raise ImageError("has no pixels")
     x = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 0, 1))).float() * 2 - 1
     return x, notes
+
+
+def load_mask(path: str | Path, size: Sequence[int] | None = None, keep: str = "white") -> Tensor:
+    """A binary mask (1, H, W) float in {0, 1} from an image file, 1 = observed.
+
+    A pixel whose grey level (8-bit, ITU-R 601 luma for colour files) is at least
+    `MASK_THRESHOLD` is observed with `keep="white"`, missing with `keep="black"`. `size` (H, W):
+    resized first (nearest neighbour, so the mask stays binary). Raises FileNotFoundError for a
+    missing file and `ImageError` for an unreadable one.
+    """
+    if keep not in ("white", "black"):
+        raise ValueError(f"keep must be 'white' or 'black', got {keep!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file not found: {path}")
+    x, _ = load_image(path, channels=1, alpha="black")
+    if size is not None and tuple(x.shape[-2:]) != (int(size[0]), int(size[1])):
+        x = torch.nn.functional.interpolate(x[None], size=(int(size[0]), int(size[1])), mode="nearest-exact")[0]
+    levels = ((x + 1) * 127.5).round()
+    white = levels >= MASK_THRESHOLD
+    return (white if keep == "white" else ~white).float()
+
+
+def read_idx_images(path: str | Path) -> np.ndarray:
+    """The images of an idx3-ubyte file (optionally .gz) as uint8 (N, H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"idx file not found: {path} (Fashion-MNIST: `apt-get install dataset-fashion-mnist` "
+            "puts it in /usr/share/datasets/fashion-mnist)"
+        )
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic, n, h, w = struct.unpack(">IIII", data[:16])
+    if magic != 2051:
+        raise ValueError(f"{path}: expected an idx3-ubyte image file (magic 2051), found {magic}")
+    if len(data) != 16 + n * h * w:
+        raise ValueError(f"{path}: expected {16 + n * h * w} bytes for {n}x{h}x{w}, found {len(data)}")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, or, for `pkg://PACKAGE/SUB/PATH`, that path inside the installed package.
+
+    Recipes name data that ships with a package this way (the demo's images are
+    `pkg://dpgkit/data/demo_fashion32`), so that they are found from any working directory.
+    Raises ValueError when the package is not installed.
+    """
+    text = str(path)
+    if not text.startswith(PACKAGE_SCHEME):
+        return Path(path)
+    package, _, sub = text[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{text}: expected {PACKAGE_SCHEME}PACKAGE/PATH with an installed package, "
+                         f"found no package {package!r}")
+    return Path(next(iter(spec.submodule_search_locations))) / sub
 
 
 def read_json(path: str | Path) -> Any:

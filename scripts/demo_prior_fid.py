@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from dpgkit.demo import load_demo_prior, sample_prior
-from dpgkit.lightning.training import load_fashion_mnist
+from dpgkit.lightning.training_data import load_fashion_mnist
 from dpgkit.metrics import FID
+from dpgkit.models import load, sample_prior
 from dpgkit.operators import GaussianBlur
 
 
@@ -44,7 +44,8 @@ def main() -> None:
     test = load_fashion_mnist(split="test", limit=1000 + 2 * n)
     real, other = test[1000 : 1000 + n], test[1000 + n : 1000 + 2 * n]
     blurred = GaussianBlur(kernel_size=13, std=2.0)(other)
-    samples = sample_prior(load_demo_prior(), n, steps=args.steps, seed=1, progress=True)
+    prior = load("demo-fashion32", checkpoint="demo-fashion32.safetensors")
+    samples = sample_prior(prior, n, steps=args.steps, seed=1, progress=True)
     fid = FID()
     f_real, f_other, f_blur, f_samples = (features(fid, x) for x in (real, other, blurred, samples))
     result = {

@@ -11,15 +11,10 @@ import torch
 import yaml
 from PIL import Image
 
-from dpgkit.lightning.training import (
-    DiffusionTrainingModule,
-    ImageDataModule,
-    fit_main,
-    load_fashion_mnist,
-    pad_or_resize,
-    read_idx_images,
-)
-from dpgkit.models import PRESETS, load
+from dpgkit.io import read_idx_images
+from dpgkit.lightning.training import DiffusionTrainingModule, fit_main
+from dpgkit.lightning.training_data import ImageDataModule, load_fashion_mnist, pad_or_resize
+from dpgkit.models import PRESETS, load, sample_prior
 
 TINY_UNET = {
     "image_size": 8,
@@ -128,8 +123,6 @@ def test_fit_runs_a_few_steps_and_exports_loadable_ema_weights(tmp_path):
 
 
 def test_shipped_demo_prior_loads_and_samples():
-    from dpgkit.demo import sample_prior
-
     preset = PRESETS["demo-fashion32"]
     model = load("demo-fashion32", checkpoint=preset.checkpoint_name)
     assert model.image_shape == (1, 32, 32)
@@ -143,13 +136,3 @@ def test_shipped_demo_prior_loads_and_samples():
     assert float(border.mean()) < -0.5
     again = sample_prior(model, 2, steps=10, seed=0)
     torch.testing.assert_close(again, x[:2])
-
-
-def test_demo_runs_end_to_end_with_few_steps(tmp_path):
-    from dpgkit.demo import run_demo
-
-    summary = run_demo(tmp_path, steps=2, num_samples=4, tasks=["sr_x4"], progress=False)
-    assert (tmp_path / "grid.png").is_file() and (tmp_path / "summary.md").is_file()
-    assert len(list((tmp_path / "sr_x4" / "dpg").glob("*.png"))) == 8
-    scores = summary["tasks"]["sr_x4"]
-    assert set(scores) == {"input", "dps", "dpg"} and all(np.isfinite(v) for v in scores.values())

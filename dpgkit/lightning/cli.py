@@ -1,13 +1,15 @@
 """The `dpgkit` command.
 
     dpgkit predict RECIPE.yaml [--out_dir DIR] [--trainer.devices 8] [--data.root /data/...] ...
-    dpgkit evaluate RUN_DIR [RUN_DIR ...]         (dpgkit.evaluate)
-    dpgkit fit RECIPE.yaml ...                     (dpgkit.lightning.training, when installed)
+    dpgkit compare RUN_DIR [RUN_DIR ...] --out grid.png   (dpgkit.compare)
+    dpgkit evaluate RUN_DIR [RUN_DIR ...]                   (dpgkit.evaluate)
+    dpgkit fit RECIPE.yaml ...                               (dpgkit.lightning.training)
 
 `predict` is Lightning's CLI (LightningCLI) over `RestorationModule` and `RestorationDataModule`:
 the recipe is its config file (given positionally or with --config) and any key can be overridden
 on the command line. Lightning 2.6 ships no `lightning` command, so `dpgkit predict` is the
-spelling of `lightning run predict`. Distributed runs go through Lightning's DDP: pass
+spelling of `lightning run predict`. A recipe with a `runs:` mapping is several such runs sharing
+a base config (`dpgkit.lightning.runs`). Distributed runs go through Lightning's DDP: pass
 --trainer.devices / --trainer.num_nodes, or launch under torchrun or SLURM (srun), whose
 environments Lightning detects.
 """
@@ -20,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -27,13 +31,22 @@ from .datamodule import RestorationDataModule
 from .module import RestorationModule
 from .writer import ImageProgressBar, PredictionWriter
 
-__all__ = ["PredictCLI", "main"]
+__all__ = ["SMALL_IMAGE_PIXELS", "PredictCLI", "cpu_threads", "main"]
+
+# Up to this many values per image (C x H x W) a CPU run uses 1 intra-op thread by default: the
+# operations on such images are too small to split, and spare threads spin on cores other jobs
+# need (the demo, 1x32x32, on a 2-core CPU with one other busy process: 364 s with 2 threads,
+# 40 s with 1). Larger images keep torch's default.
+SMALL_IMAGE_PIXELS = 3 * 64 * 64
 
 USAGE = """usage: dpgkit COMMAND ...
 
 commands:
   predict RECIPE.yaml [--out_dir DIR] [--KEY VALUE ...]
-                  restore a dataset as a recipe says (Lightning's CLI: `dpgkit predict --help`)
+                  restore a dataset as a recipe says (Lightning's CLI: `dpgkit predict --help`);
+                  a recipe with `runs:` runs several configs (e.g. recipes/demo.yaml)
+  compare RUN_DIR [RUN_DIR ...] [--out FILE.png] [--table FILE.md]
+                  picture runs side by side (input | methods | truth) with a PSNR table
   evaluate RUN_DIR [RUN_DIR ...]
                   recompute the metrics of run folders and print the paper's table
   fit RECIPE.yaml [--KEY VALUE ...]
@@ -66,6 +79,9 @@ class PredictCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--out_dir", type=str | None, default=None,
                             help="the run folder: recon/, input/, label/, mask/, metrics.jsonl, summary.json")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="torch's intra-op threads for a CPU run (default: 1 for images of at most "
+                                 f"{SMALL_IMAGE_PIXELS} values, else torch's default); ignored on GPUs")
         parser.add_lightning_class_args(PredictionWriter, "writer")
         parser.link_arguments("out_dir", "writer.out_dir")
         parser.link_arguments("out_dir", "trainer.default_root_dir")
@@ -79,6 +95,19 @@ class PredictCLI(LightningCLI):
         if self.subcommand and config.get("return_predictions") is None:
             config["return_predictions"] = False  # outputs go to disk; keeping them would grow without bound
 
+    def predict(self, **kwargs: Any) -> Any:
+        """`Trainer.predict`, with the intra-op threads of `cpu_threads` for its duration."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        on_cpu = isinstance(self.trainer.accelerator, CPUAccelerator)
+        threads = cpu_threads(config.get("threads"), self.model.prior.image_shape, on_cpu)
+        before = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            return self.trainer.predict(**kwargs)
+        finally:
+            torch.set_num_threads(before)
+
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config.get("trainer", {})
@@ -91,6 +120,17 @@ class PredictCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
 
+def cpu_threads(requested: int | None, image_shape: Sequence[int], on_cpu: bool) -> int | None:
+    """The intra-op threads a predict run uses: `requested` if given (>= 1), else 1 on a CPU for
+    images of at most `SMALL_IMAGE_PIXELS` values, else None (torch's default)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested if on_cpu else None
+    c, h, w = image_shape
+    return 1 if on_cpu and c * h * w <= SMALL_IMAGE_PIXELS else None
+
+
 def _recipe_as_config(argv: list[str]) -> list[str]:
     """`predict RECIPE.yaml ...` -> `predict --config RECIPE.yaml ...` (a positional recipe)."""
     if len(argv) >= 2 and not argv[1].startswith("-"):
@@ -101,15 +141,18 @@ def _recipe_as_config(argv: list[str]) -> list[str]:
     return argv
 
 
-def _is_demo_recipe(args: list[str]) -> bool:
-    """Whether `predict --config RECIPE` names the offline demo (a top-level `demo:` block)."""
-    if "--config" not in args:
-        return False
-    import yaml
+def _multi_run_recipe(args: list[str]) -> tuple[str, list[str]] | None:
+    """(recipe, the other options) of `predict ... --config RECIPE ...` when the recipe describes
+    several runs (`runs:`), else None."""
+    from .runs import is_multi_run, read_recipe
 
-    with open(args[args.index("--config") + 1]) as f:
-        recipe = yaml.safe_load(f)
-    return isinstance(recipe, dict) and "demo" in recipe
+    if "--config" not in args or args.index("--config") + 1 >= len(args):
+        return None
+    k = args.index("--config")
+    recipe = args[k + 1]
+    if not Path(recipe).is_file() or not is_multi_run(read_recipe(recipe)):
+        return None
+    return recipe, args[1:k] + args[k + 2 :]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,13 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .. import evaluate
 
         return int(evaluate.main(argv[1:]) or 0)
+    if command == "compare":
+        from .. import compare
+
+        return int(compare.main(argv[1:]) or 0)
     if command == "predict":
         args = _recipe_as_config(argv)
-        if _is_demo_recipe(args):
-            # the offline demo runs 3 tasks x 2 solvers over the shipped images: dpgkit.demo
-            from ..demo import main as demo_main
+        multi = _multi_run_recipe(args)
+        if multi is not None:
+            from .runs import run_recipe
 
-            demo_main([a for a in args[1:] if a != "--config"])
+            run_recipe(*multi)
             return 0
         PredictCLI(args=args)
         return 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..io import IMAGE_EXTENSIONS, ImageError, load_image
+from ..io import IMAGE_EXTENSIONS, ImageError, load_image, load_mask, resolve_path
 
 __all__ = [
     "Item",
@@ -100,6 +100,8 @@ def list_items(root: str | Path | None = None, files: str | Path | None = None,
     A folder or glob is sorted by relative path; a list keeps its own order (its line order is
     the item index, so a published 1k subset seeds the same way everywhere).
     """
+    root = resolve_path(root) if root is not None else None
+    files = resolve_path(files) if files is not None else None
     given = [s for s in (files, glob) if s is not None]
     if len(given) > 1:
         raise ValueError("give at most one of data.files (a list file) and data.glob")
@@ -187,7 +189,7 @@ class ImageItems(Dataset):
         self.items = list(items)
         self.mode, self.image_size, self.preprocess = mode, image_size, preprocess
         self.channels, self.alpha, self.min_size = channels, alpha, min_size
-        self.mask_root = Path(mask_root) if mask_root is not None else None
+        self.mask_root = resolve_path(mask_root) if mask_root is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -208,7 +210,7 @@ class ImageItems(Dataset):
                 if mask_path is None:
                     raise ImageError(f"no mask file {item.name}.png (or another image extension) in {self.mask_root}")
                 try:
-                    mask, _ = load_image(mask_path, channels=1, alpha="black")
+                    mask = load_mask(mask_path) * 2 - 1  # {0, 1} -> [-1, 1] for the shared preprocessing
                 except ImageError as err:
                     raise ImageError(f"mask {mask_path}: {err}") from err
                 # nearest keeps the mask binary through the same resize and crop as the image
@@ -216,7 +218,7 @@ class ImageItems(Dataset):
                 if mask.shape[-2:] != out[key].shape[-2:]:
                     raise ImageError(f"mask {mask_path} is {tuple(mask.shape[-2:])}, "
                                      f"the image {tuple(out[key].shape[-2:])}")
-                out["mask"] = (mask > 0).float()  # [-1, 1] scale: brighter than mid-grey is observed
+                out["mask"] = (mask > 0).float()
         except ImageError as err:
             out["error"] = str(err)
             out.pop(key, None)
@@ -287,6 +289,8 @@ class RestorationDataModule(pl.LightningDataModule):
 
     Args:
         root: image folder (searched recursively), or the folder the list / glob is relative to.
+            Paths are relative to the working directory; `pkg://PACKAGE/PATH` names a folder shipped
+            inside an installed package (the demo: `pkg://dpgkit/data/demo_fashion32`).
         files: a text file with one image path per line, relative to `root` (e.g. the ImageNet 1k
             validation subset); extra fields on a line (a class label) are ignored.
         glob: a pattern such as "**/*.png", relative to `root` when given.

@@ -1,206 +1,31 @@
-"""Training a diffusion prior: `DiffusionTrainingModule`, `ImageDataModule` and `fit_main`.
+"""Training a diffusion prior: `DiffusionTrainingModule` and `fit_main` (`dpgkit fit`).
 
 The module trains a guided-diffusion UNet to predict the noise (eps) of
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps under the linear schedule (T = 1000), t uniform,
-keeps an exponential moving average (EMA) of its weights and can export the EMA weights as a
-safetensors state dict that `dpgkit.models.load(config, checkpoint=...)` reads.
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps under the linear schedule (T = 1000), t uniform
+(Ho et al. 2020, Algorithm 1), keeps an exponential moving average (EMA) of its weights and can
+export the EMA weights as a safetensors state dict that `dpgkit.models.load(config, checkpoint=...)`
+reads. Its data: `dpgkit.lightning.training_data.ImageDataModule`.
 Run from the command line as `dpgkit fit --config recipes/train_demo_prior.yaml`.
 """
 
 from __future__ import annotations
 
 import copy
-import gzip
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from ..diffusion import Schedule, q_sample
 from ..models.unet import UNET_DEFAULTS, unet_from_config
+from .training_data import ImageDataModule
 
-__all__ = [
-    "DiffusionTrainingModule",
-    "FolderImages",
-    "ImageDataModule",
-    "TensorImages",
-    "fit_main",
-    "pad_or_resize",
-    "read_idx_images",
-]
+__all__ = ["DiffusionTrainingModule", "ema_state", "fit_main"]
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-# ----------------------------------------------------------------------------------------- data
-
-
-def read_idx_images(path: str | Path) -> np.ndarray:
-    """The images of an idx3-ubyte file (optionally .gz) as uint8 (N, H, W)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"idx file not found: {path} (Fashion-MNIST: `apt-get install dataset-fashion-mnist` "
-            f"puts it in {FASHION_MNIST_DIR})"
-        )
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    magic, n, h, w = struct.unpack(">IIII", data[:16])
-    if magic != 2051:
-        raise ValueError(f"{path}: expected an idx3-ubyte image file (magic 2051), found {magic}")
-    if len(data) != 16 + n * h * w:
-        raise ValueError(f"{path}: expected {16 + n * h * w} bytes for {n}x{h}x{w}, found {len(data)}")
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
-
-
-def pad_or_resize(x: Tensor, size: int, mode: str = "pad") -> Tensor:
-    """(N, C, h, w) in [-1, 1] -> (N, C, size, size): "pad" centres it on a -1 (black) border,
-    "resize" resamples it (bilinear, antialiased)."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    if mode == "pad":
-        if h > size or w > size:
-            raise ValueError(f"cannot pad {h}x{w} images to {size}x{size}; use mode='resize'")
-        top, left = (size - h) // 2, (size - w) // 2
-        return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
-    if mode == "resize":
-        return torch.nn.functional.interpolate(
-            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        ).clamp(-1, 1)
-    raise ValueError(f"mode must be 'pad' or 'resize', got {mode!r}")
-
-
-class TensorImages(Dataset):
-    """Images held in memory: a float tensor (N, C, H, W) in [-1, 1]; items are (C, H, W)."""
-
-    def __init__(self, images: Tensor) -> None:
-        if images.dim() != 4:
-            raise ValueError(f"expected images (N, C, H, W), got shape {tuple(images.shape)}")
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[i]
-
-
-class FolderImages(Dataset):
-    """Every image file under a folder (recursively), as (C, size, size) float in [-1, 1]."""
-
-    def __init__(self, root: str | Path, size: int, channels: int = 3, mode: str = "resize") -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not self.files:
-            raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {self.root}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.size, self.channels, self.mode = size, channels, mode
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            arr = np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32)
-        x = torch.from_numpy(arr.copy())
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        x = x / 127.5 - 1.0
-        return pad_or_resize(x[None], self.size, self.mode)[0]
-
-
-def load_fashion_mnist(
-    root: str | Path = FASHION_MNIST_DIR, split: str = "train", size: int = 32, limit: int | None = None
-) -> Tensor:
-    """Fashion-MNIST `split` ("train": 60,000, "test": 10,000) as (N, 1, size, size) in [-1, 1],
-    the 28x28 images padded with black (-1) to `size`; the first `limit` images if given."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    path = root / f"{prefix}-images-idx3-ubyte.gz"
-    if not path.is_file() and (root / path.stem).is_file():
-        path = root / path.stem
-    arr = read_idx_images(path)
-    if limit is not None:
-        arr = arr[:limit]
-    x = torch.from_numpy(arr.astype(np.float32))[:, None] / 127.5 - 1.0
-    return pad_or_resize(x, size, "pad")
-
-
-class ImageDataModule(L.LightningDataModule):
-    """Training images from Fashion-MNIST idx files or from a folder of image files.
-
-    Args:
-        source: "fashion-mnist" or a folder of images (png/jpg/...).
-        root: where the idx files are (Fashion-MNIST only).
-        image_size: side of the square training images (Fashion-MNIST's 28 px are padded).
-        channels: 1 (grayscale) or 3 (RGB), for folders; Fashion-MNIST is always 1.
-        batch_size, num_workers: of the training DataLoader.
-        limit: use only the first `limit` images (for quick runs and tests).
-        seed: seeds the shuffling (its own generator; the global RNG is not used).
-    """
-
-    def __init__(
-        self,
-        source: str = "fashion-mnist",
-        root: str = FASHION_MNIST_DIR,
-        image_size: int = 32,
-        channels: int = 1,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        limit: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.source, self.root = source, root
-        self.image_size, self.channels = image_size, channels
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.limit, self.seed = limit, seed
-        self.dataset: Dataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        if self.source == "fashion-mnist":
-            if self.channels != 1:
-                raise ValueError(f"Fashion-MNIST is grayscale: channels must be 1, got {self.channels}")
-            self.dataset = TensorImages(load_fashion_mnist(self.root, "train", self.image_size, self.limit))
-        else:
-            ds = FolderImages(self.source, self.image_size, self.channels)
-            if self.limit is not None:
-                ds.files = ds.files[: self.limit]
-            self.dataset = ds
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        assert self.dataset is not None
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-            persistent_workers=self.num_workers > 0,
-        )
-
-
-# ---------------------------------------------------------------------------------------- model
 
 
 class DiffusionTrainingModule(L.LightningModule):

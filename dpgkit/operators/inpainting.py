@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ._checks import check_images, check_items, generator_from_seed, image_shape3, item_slice
@@ -84,19 +82,12 @@ def uncrop_mask(height: int, width: int, keep: str = "center", fraction: float =
 
 
 def load_mask(path: str | Path, size: Sequence[int] | None = None, keep: str = "white") -> Tensor:
-    """(1, H, W) binary mask from an image file: pixels brighter than mid-grey are observed
-    (`keep="white"`) or missing (`keep="black"`); resized (nearest) to `size` (H, W) if given."""
-    if keep not in ("white", "black"):
-        raise ValueError(f"keep must be 'white' or 'black', got {keep!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mask file not found: {path}")
-    img = Image.open(path).convert("L")
-    if size is not None:
-        img = img.resize((int(size[1]), int(size[0])), resample=Image.NEAREST)
-    white = torch.from_numpy(np.asarray(img) >= 128)
-    mask = white if keep == "white" else ~white
-    return mask.float()[None]
+    """(1, H, W) binary mask from an image file: `dpgkit.io.load_mask` (the one mask threshold:
+    pixels brighter than mid-grey are observed with `keep="white"`, missing with `keep="black"`),
+    resized (nearest) to `size` (H, W) if given."""
+    from ..io import load_mask as read_mask
+
+    return read_mask(path, size, keep)
 
 
 class Inpainting(LinearOperator):
