@@ -227,11 +227,3 @@ def test_evaluate_is_dispatched(monkeypatch):
     monkeypatch.setattr(dpgkit, "evaluate", fake, raising=False)
     assert main(["evaluate", "runs/a", "runs/b", "--format", "csv"]) == 0
     assert seen == [["runs/a", "runs/b", "--format", "csv"]]
-
-
-def test_the_demo_recipe_goes_to_the_offline_demo():
-    from dpgkit.lightning.cli import _is_demo_recipe, _recipe_as_config
-
-    root = Path(__file__).resolve().parents[1] / "recipes"
-    assert _is_demo_recipe(_recipe_as_config(["predict", str(root / "demo.yaml")]))
-    assert not _is_demo_recipe(_recipe_as_config(["predict", str(root / "imagenet_sr.yaml")]))
