@@ -1,12 +1,14 @@
 """`dpgkit compare RUN_DIR ...`: a side-by-side picture and a PSNR table of finished runs.
 
 Runs are grouped by task (the `task` label of each run's summary.json, else the folder's name);
-within a task each run is a method. The picture has one block per task, with the columns
-input | each method | truth and one row per image the task's runs share, the PSNR (dB) under each
-picture; the table gives the mean PSNR of the degraded input and of each method per task. Both
-come from what `dpgkit predict` wrote (recon/, input/, label/ PNGs and metrics.jsonl rows), so any
-runs can be compared, not only the demo's. The input column and its PSNR are those of the task's
-first run (runs of one task with the same seed see the same measurement).
+within a task each run is a column named by its `method` label (by its folder's name where two
+runs of the task share a label, as in a sweep of one solver's settings). The picture has one
+block per task, with the columns input | each method | truth and one row per image the task's
+runs share, the PSNR (dB) under each picture; the table gives the mean PSNR of the degraded input
+and of each method per task. Both come from what `dpgkit predict` wrote (recon/, input/, label/
+PNGs and metrics.jsonl rows), so any runs can be compared, not only the demo's. The input column
+and its PSNR are those of the task's first run (runs of one task with the same seed see the same
+measurement).
 
     dpgkit compare runs/sr_dps runs/sr_dpg --out grid.png [--table summary.md] [--json summary.json]
 
@@ -67,14 +69,21 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _group(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs by task, in order of appearance. Runs of one task with the same method label (a sweep
+    of one solver's settings) are told apart by their folder names."""
     tasks: dict[str, list[Run]] = {}
     for run in runs:
-        group = tasks.setdefault(run.task, [])
-        if any(r.method == run.method for r in group):
-            other = next(r for r in group if r.method == run.method)
-            raise ValueError(f"two runs of task {run.task!r} and method {run.method!r}: {other.path} and {run.path} "
-                             "(give them different `model.labels.method`)")
-        group.append(run)
+        tasks.setdefault(run.task, []).append(run)
+    for task, group in tasks.items():
+        labels = [r.method for r in group]
+        if len(set(labels)) < len(labels):
+            group[:] = [Run(r.path, r.task, r.path.name if labels.count(r.method) > 1 else r.method, r.rows)
+                        for r in group]
+        labels = [r.method for r in group]
+        if len(set(labels)) < len(labels):
+            twice = next(m for m in labels if labels.count(m) > 1)
+            raise ValueError(f"two runs of task {task!r} named {twice!r}: "
+                             f"{', '.join(str(r.path) for r in group if r.method == twice)}")
     return tasks
 
 

@@ -15,13 +15,16 @@ import torch
 import yaml
 from PIL import Image
 
+from dpgkit.compare import compare_runs
 from dpgkit.io import from_uint8, load_mask, resolve_path, save_png
 from dpgkit.lightning.cli import SMALL_IMAGE_PIXELS, _multi_run_recipe, _recipe_as_config, cpu_threads, main
 from dpgkit.lightning.runs import expand_runs, merge_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = RECIPES / "demo.yaml"
-TASKS = ("inpaint_box", "sr_x4", "deblur_gauss")
+# run-name prefix -> the task label the module gives (from the operator)
+TASKS = {"inpaint_box": "inpaint (box)", "sr_x4": "SR x4", "deblur_gauss": "Gaussian deblur"}
+METHODS = {"dps": "DPS", "dpg": "DPG DDPM"}  # run-name suffix -> the solver's label
 # the recipe's path shortened: 2 images, 3 solver steps (the code path is the full demo's)
 SHORT = ("--data.limit", "2", "--model.solver.init_args.steps", "3")
 
@@ -63,27 +66,28 @@ def test_demo_recipe_writes_ordinary_run_folders(demo):
             assert Path(row["file"]).parent == resolve_path("pkg://dpgkit/data/demo_fashion32")
         summary = json.loads((run / "summary.json").read_text())
         assert summary["images"] == 2 and summary["num_bad"] == 0
-        assert summary["task"] == name.split("-")[0] and summary["method"] == name.split("-")[1].upper()
+        task, method = name.split("-")
+        assert summary["task"] == TASKS[task] and summary["method"] == METHODS[method]
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["model"]["solver"]["init_args"]["steps"] == 3  # the override reached every run
         with Image.open(run / "recon" / "test00000_boot.png") as im:
             assert im.size == (32, 32) and im.mode == "L"
-    assert "| sr_x4 | 2 |" in printed
+    assert "| SR x4 | 2 |" in printed
 
 
 def test_demo_summary_and_grid_come_from_the_run_folders(demo):
     out, _ = demo
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["tasks"]) == list(TASKS)
-    for task in TASKS:
-        scores = summary["tasks"][task]
-        assert set(scores) == {"input", "DPS", "DPG"}
-        for method in ("DPS", "DPG"):
-            rows = _rows(out / f"{task}-{method.lower()}")
-            assert scores[method] == pytest.approx(np.mean([r["psnr"] for r in rows]))
+    assert list(summary["tasks"]) == list(TASKS.values())
+    for task, label in TASKS.items():
+        scores = summary["tasks"][label]
+        assert set(scores) == {"input", *METHODS.values()}
+        for method, method_label in METHODS.items():
+            rows = _rows(out / f"{task}-{method}")
+            assert scores[method_label] == pytest.approx(np.mean([r["psnr"] for r in rows]))
         assert scores["input"] == pytest.approx(np.mean([r["input_psnr"] for r in _rows(out / f"{task}-dps")]))
     table = (out / "summary.md").read_text()
-    assert f"| sr_x4 | 2 | {summary['tasks']['sr_x4']['input']:.2f} |" in table
+    assert f"| SR x4 | 2 | {summary['tasks']['SR x4']['input']:.2f} |" in table
     with Image.open(out / "grid.png") as im:
         w, h = im.size
         grid = np.asarray(im.convert("RGB"))
@@ -200,10 +204,13 @@ def test_compare_refuses_what_is_not_a_run(tmp_path):
         assert main(["compare", str(tmp_path)]) == 1
     assert "metrics.jsonl" in buf.getvalue()
     a = _fake_run(tmp_path, "a", "SR", "A", [1.0], [1.0])
-    b = _fake_run(tmp_path, "b", "SR", "A", [1.0], [1.0])
+    b = _fake_run(tmp_path, "b", "SR", "A", [2.0], [1.0])
+    # a sweep: one task, one method label -> the columns are the folders' names
+    assert compare_runs([a, b])["tasks"] == {"SR": {"input": 1.0, "a": 1.0, "b": 2.0}}
+    c = _fake_run(tmp_path / "other", "a", "SR", "A", [3.0], [1.0])
     with contextlib.redirect_stderr(buf):
-        assert main(["compare", str(a), str(b)]) == 1
-    assert "two runs of task 'SR' and method 'A'" in buf.getvalue()
+        assert main(["compare", str(a), str(c)]) == 1
+    assert "two runs of task 'SR' named 'a'" in buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- threads, files, lazy metrics
