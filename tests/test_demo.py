@@ -31,8 +31,14 @@ SHORT = ("--data.limit", "2", "--model.solver.init_args.steps", "3")
 
 def run_main(*argv: str) -> str:
     out = stdio.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(list(argv)) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what predict must change for the run, and give back after it
+    try:
+        with contextlib.redirect_stdout(out):
+            assert main(list(argv)) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     return out.getvalue()
 
 
@@ -66,6 +72,7 @@ def test_demo_recipe_writes_ordinary_run_folders(demo):
             assert Path(row["file"]).parent == resolve_path("pkg://dpgkit/data/demo_fashion32")
         summary = json.loads((run / "summary.json").read_text())
         assert summary["images"] == 2 and summary["num_bad"] == 0
+        assert summary["run"]["threads"] == "1"  # a CPU run on 1x32x32 images: one intra-op thread
         task, method = name.split("-")
         assert summary["task"] == TASKS[task] and summary["method"] == METHODS[method]
         saved = yaml.safe_load((run / "config.yaml").read_text())

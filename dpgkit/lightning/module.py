@@ -364,7 +364,7 @@ class RestorationModule(pl.LightningModule):
         """What ran, for the summary."""
         return {**self.labels, "prior": repr(self.prior), "operator": repr(self.task.operator),
                 "noise": repr(self.task.noise), "solver": repr(self.solver), "seed": str(self.seed),
-                "lpips": self.lpips_status}
+                "lpips": self.lpips_status, "threads": str(torch.get_num_threads())}
 
 
 def _is_inpainting(operator: Operator) -> bool:
