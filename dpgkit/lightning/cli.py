@@ -35,8 +35,9 @@ __all__ = ["SMALL_IMAGE_PIXELS", "PredictCLI", "cpu_threads", "main"]
 
 # Up to this many values per image (C x H x W) a CPU run uses 1 intra-op thread by default: the
 # operations on such images are too small to split, and spare threads spin on cores other jobs
-# need (the demo, 1x32x32, on a 2-core CPU with one other busy process: 364 s with 2 threads,
-# 40 s with 1). Larger images keep torch's default.
+# need. Measured with the demo's 1x32x32 runs on a shared 2-core CPU (load average about 5):
+# sr_x4-dps 18 s wall with 1 thread, 105 s with 2; deblur_gauss-dpg 22 s and 217 s (README).
+# Larger images keep torch's default.
 SMALL_IMAGE_PIXELS = 3 * 64 * 64
 
 USAGE = """usage: dpgkit COMMAND ...
