@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io as stdio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,12 @@ def _rows(run: Path) -> list[dict]:
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     cwd = tmp_path_factory.mktemp("elsewhere")  # the shipped images are found from any folder
-    with contextlib.chdir(cwd):
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
         printed = run_main("predict", str(DEMO), "--out_dir", str(out), *SHORT)
+    finally:
+        os.chdir(before)
     return out, printed
 
 
