@@ -21,7 +21,7 @@ This `lightning` command is installed by dpgkit. It offers one thing:
   lightning run predict RECIPE.yaml ...
                   restore a dataset as a recipe says; the same as `dpgkit predict RECIPE.yaml ...`
                   (options: `lightning run predict --help`)
-More dpgkit commands: `dpgkit --help` (evaluate, fit).
+More dpgkit commands: `dpgkit --help` (compare, evaluate, fit).
 Lightning's own command line is `fabric` (e.g. `fabric run SCRIPT.py`): see `fabric --help`.
 """
 
