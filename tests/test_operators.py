@@ -24,6 +24,7 @@ from dpgkit.operators import (
     gaussian_kernel,
     motion_kernel,
 )
+from dpgkit.operators._checks import generator_from_seed
 from dpgkit.seeding import derive_seed
 
 C, H, W = 3, 8, 12  # deliberately not square
@@ -207,7 +208,7 @@ def test_avgpool_is_block_mean():
 
 # -- per-item draws --------------------------------------------------------------------------
 RANDOM = {
-    "box": lambda: Inpainting.box(side=(3, 5), margin=1),
+    "box": lambda: Inpainting.box(side=(2, 4), margin=1),
     "random": lambda: Inpainting.random(drop=(0.5, 0.9)),
     "motion": lambda: MotionBlur(7, 0.5),
 }
@@ -285,6 +286,28 @@ def test_box_mask_has_the_side_and_margin():
         assert int(rows.max()) <= 64 - 17 and int(cols.max()) <= 64 - 17
     with pytest.raises(ValueError, match="does not fit"):
         Inpainting.box(side=(128, 128), margin=16).draw([0], (3, 64, 64))
+
+
+def test_box_corner_range_is_the_dps_codes_half_open_range():
+    # The DPS code draws the corner with numpy's randint(margin, size - box - margin): for the
+    # paper's 128 box in 256 px with a 16 px margin, rows and columns 16..111 (112 excluded).
+    from dpgkit.operators.inpainting import box_mask
+
+    tops, lefts = set(), set()
+    for seed in range(4000):
+        m = box_mask(generator_from_seed(seed), 256, 256, (128, 128), 16)[0]
+        rows, cols = torch.nonzero(m == 0, as_tuple=True)
+        tops.add(int(rows.min()))
+        lefts.add(int(cols.min()))
+    # 4000 draws over 96 values: every corner seen (P(one missed) ~ 96 exp(-4000/96) ~ 1e-16)
+    assert tops == set(range(16, 112)) and lefts == set(range(16, 112))
+    # general rule, small case: margin 2, box 3, image 8 -> corners 2..2 only
+    for seed in range(20):
+        m = box_mask(generator_from_seed(seed), 8, 8, (3, 3), 2)[0]
+        rows, cols = torch.nonzero(m == 0, as_tuple=True)
+        assert (int(rows.min()), int(cols.min())) == (2, 2)
+    with pytest.raises(ValueError, match="does not fit"):  # 3 + 2 * 2 = 7 fits 8, not 7
+        box_mask(generator_from_seed(0), 7, 7, (3, 3), 2)
 
 
 def test_random_mask_drops_the_paper_fraction():

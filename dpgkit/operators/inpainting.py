@@ -31,16 +31,23 @@ def _range(value: float | Sequence[float], name: str) -> tuple[float, float]:
 
 def box_mask(gen: torch.Generator, height: int, width: int, side: tuple[int, int] = (128, 128),
              margin: int = 16) -> Tensor:
-    """(1, H, W) mask with one square hole: side drawn in [side[0], side[1]], placed uniformly at
-    random with at least `margin` px to the border (the DPS code's box)."""
+    """(1, H, W) mask with one square hole: side s drawn in [side[0], side[1]], its top-left corner
+    drawn uniformly in [margin, H - s - margin) x [margin, W - s - margin), upper bounds excluded.
+
+    The excluded upper bound is the DPS code's convention (its `random_sq_bbox` draws the corner
+    with numpy's half-open `randint`): a 128 box in a 256 image with a 16 px margin starts at rows
+    16..111, so the far border keeps margin + 1 px. Raises ValueError when no corner is possible
+    (s + 2 * margin >= min(H, W)).
+    """
     lo, hi = int(side[0]), int(side[1])
     s = int(torch.randint(lo, hi + 1, (1,), generator=gen))
-    if s + 2 * margin > min(height, width):
+    if s + 2 * margin >= min(height, width):
         raise ValueError(
-            f"a {s}x{s} box with a {margin} px margin does not fit a {height}x{width} image"
+            f"a {s}x{s} box with a {margin} px margin does not fit a {height}x{width} image "
+            f"(the corner is drawn in [margin, size - side - margin), which needs side + 2 margin < size)"
         )
-    top = int(torch.randint(margin, height - margin - s + 1, (1,), generator=gen))
-    left = int(torch.randint(margin, width - margin - s + 1, (1,), generator=gen))
+    top = int(torch.randint(margin, height - margin - s, (1,), generator=gen))
+    left = int(torch.randint(margin, width - margin - s, (1,), generator=gen))
     mask = torch.ones(1, height, width)
     mask[:, top : top + s, left : left + s] = 0
     return mask
@@ -209,7 +216,8 @@ class InpaintingTemplate(Template):
 
 class BoxInpainting(InpaintingTemplate):
     """A square hole, side drawn in `side` (px, inclusive), placed at random `margin` px or more
-    from the border (paper: 128 x 128, 16 px). Also `Inpainting.box(...)`."""
+    from the top/left border and `margin` + 1 px or more from the bottom/right one (the DPS code's
+    half-open corner range, see `box_mask`; paper: 128 x 128, 16 px). Also `Inpainting.box(...)`."""
 
     task_name = "inpaint (box)"
 
