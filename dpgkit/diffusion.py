@@ -3,6 +3,12 @@
 A `Schedule` is a (possibly respaced) chain of S steps. Step index ``i`` (0..S-1) runs the chain;
 ``schedule.timesteps[i]`` is the timestep of the original T-step schedule that the network sees.
 Every function is batched over ``i`` (a LongTensor of shape (B,)) and broadcasts over NCHW.
+
+Precision: as guided-diffusion (Dhariwal & Nichol 2021, `gaussian_diffusion.py`), every coefficient
+that combines schedule entries (posterior-mean coefficients, sqrt(1/abar), sigma of DDIM, ...) is
+formed in float64 from the float64 schedule and cast to the images' dtype only at the end. Casting
+abar and beta first and combining them in float32 loses up to 3e-4 relative at the last steps,
+where 1 - abar and beta are ~1e-4 and cancel.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ __all__ = [
     "space_timesteps",
     "tweedie_x0",
     "eps_from_x0",
+    "predict_x0",
+    "predict_eps",
     "q_sample",
     "q_posterior",
     "model_log_variance",
@@ -152,6 +160,16 @@ class Schedule:
         return self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
 
     @property
+    def posterior_mean_coef1(self) -> Tensor:
+        """Coefficient of x0 in the posterior mean: beta_i sqrt(abar_{i-1}) / (1 - abar_i), float64."""
+        return self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+
+    @property
+    def posterior_mean_coef2(self) -> Tensor:
+        """Coefficient of x_i in the posterior mean: (1 - abar_{i-1}) sqrt(alpha_i) / (1 - abar_i), float64."""
+        return (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+
+    @property
     def posterior_log_variance_clipped(self) -> Tensor:
         """log of the posterior variance with its first entry (0) replaced by the second."""
         var = self.posterior_variance
@@ -159,9 +177,23 @@ class Schedule:
 
 
 def at_step(values: Tensor, i: Tensor, like: Tensor) -> Tensor:
-    """values[i] shaped (B, 1, ..., 1) to broadcast against `like`, in its dtype and device."""
-    out = values.to(like.device)[i.to(like.device)].to(like.dtype)
+    """values[i] shaped (B, 1, ..., 1) to broadcast against `like`, in its dtype and device.
+
+    Indexes where `values` lives (the float64 schedule stays on the CPU: some devices have no
+    float64) and casts only the B gathered entries.
+    """
+    out = values[i.to(values.device)].to(like.device, like.dtype)
     return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _at64(values: Tensor, i: Tensor, like: Tensor) -> Tensor:
+    """values[i] in float64, on the CPU, shaped (B, 1, ..., 1) to broadcast against `like`."""
+    out = values.to(torch.float64)[i.to(values.device)].cpu()
+    return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _cast(coef: Tensor, like: Tensor) -> Tensor:
+    return coef.to(like.device, like.dtype)
 
 
 def tweedie_x0(x_t: Tensor, eps: Tensor, abar_t: Tensor, clip: bool = True) -> Tensor:
@@ -175,19 +207,34 @@ def eps_from_x0(x_t: Tensor, x0: Tensor, abar_t: Tensor) -> Tensor:
     return (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
 
 
+def predict_x0(schedule: Schedule, i: Tensor, x_t: Tensor, eps: Tensor, clip: bool = True) -> Tensor:
+    """Tweedie's x0 at step i with float64 coefficients: sqrt(1/abar) x_t - sqrt(1/abar - 1) eps.
+
+    The same value as `tweedie_x0`, in guided-diffusion's form (`_predict_xstart_from_eps`): both
+    coefficients formed in float64 and cast to x_t's dtype. Clipped to [-1, 1] if `clip`.
+    """
+    abar = _at64(schedule.alphas_cumprod, i, x_t)
+    x0 = _cast((1 / abar).sqrt(), x_t) * x_t - _cast((1 / abar - 1).sqrt(), x_t) * eps
+    return x0.clamp(-1, 1) if clip else x0
+
+
+def predict_eps(schedule: Schedule, i: Tensor, x_t: Tensor, x0: Tensor) -> Tensor:
+    """The noise that maps x0 to x_t at step i, float64 coefficients (guided-diffusion's
+    `_predict_eps_from_xstart`): (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1)."""
+    abar = _at64(schedule.alphas_cumprod, i, x_t)
+    return (_cast((1 / abar).sqrt(), x_t) * x_t - x0) / _cast((1 / abar - 1).sqrt(), x_t)
+
+
 def q_sample(schedule: Schedule, i: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
-    """x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) noise."""
-    abar = at_step(schedule.alphas_cumprod, i, x0)
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    """x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) noise (coefficients in float64, then cast)."""
+    abar = _at64(schedule.alphas_cumprod, i, x0)
+    return _cast(abar.sqrt(), x0) * x0 + _cast((1 - abar).sqrt(), x0) * noise
 
 
 def q_posterior(schedule: Schedule, i: Tensor, x0: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variance of q(x_{i-1} | x_i, x0)."""
-    abar = at_step(schedule.alphas_cumprod, i, x_t)
-    abar_prev = at_step(schedule.alphas_cumprod_prev, i, x_t)
-    beta = at_step(schedule.betas, i, x_t)
-    coef_x0 = beta * abar_prev.sqrt() / (1 - abar)
-    coef_xt = (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
+    """Mean and variance of q(x_{i-1} | x_i, x0); coefficients formed in float64, then cast."""
+    coef_x0 = at_step(schedule.posterior_mean_coef1, i, x_t)
+    coef_xt = at_step(schedule.posterior_mean_coef2, i, x_t)
     return coef_x0 * x0 + coef_xt * x_t, at_step(schedule.posterior_variance, i, x_t)
 
 
@@ -222,22 +269,29 @@ def ddpm_step(
     schedule: Schedule, i: Tensor, x_t: Tensor, x0: Tensor, noise: Tensor, log_variance: Tensor | None = None
 ) -> Tensor:
     """Ancestral step: the posterior mean of q(x_{i-1} | x_i, x0) + sigma_i z, no noise at i = 0."""
-    mean, var = q_posterior(schedule, i, x0, x_t)
-    std = (0.5 * log_variance).exp() if log_variance is not None else var.sqrt()
+    mean, _ = q_posterior(schedule, i, x0, x_t)
+    if log_variance is not None:
+        std = (0.5 * log_variance).exp()
+    else:
+        std = at_step(schedule.posterior_variance.sqrt(), i, x_t)
     return mean + _not_last(i, x_t) * std * noise
 
 
 def ddim_step(
     schedule: Schedule, i: Tensor, x_t: Tensor, x0: Tensor, eta: float = 0.0, noise: Tensor | None = None
 ) -> Tensor:
-    """DDIM step with epshat recomputed from (x_t, x0); eta = 1 gives the DDPM posterior variance."""
-    abar = at_step(schedule.alphas_cumprod, i, x_t)
-    abar_prev = at_step(schedule.alphas_cumprod_prev, i, x_t)
-    eps = eps_from_x0(x_t, x0, abar)
+    """DDIM step with epshat recomputed from (x_t, x0); eta = 1 gives the DDPM posterior variance.
+
+    sqrt(abar_{i-1}), sigma_i and sqrt(1 - abar_{i-1} - sigma_i^2) are formed in float64, then cast.
+    """
+    abar = _at64(schedule.alphas_cumprod, i, x_t)
+    abar_prev = _at64(schedule.alphas_cumprod_prev, i, x_t)
+    eps = predict_eps(schedule, i, x_t, x0)
     sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
-    out = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp_min(0).sqrt() * eps
+    c_eps = (1 - abar_prev - sigma**2).clamp_min(0).sqrt()
+    out = _cast(abar_prev.sqrt(), x_t) * x0 + _cast(c_eps, x_t) * eps
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_step with eta > 0 needs noise")
-        out = out + _not_last(i, x_t) * sigma * noise
+        out = out + _not_last(i, x_t) * _cast(sigma, x_t) * noise
     return out

@@ -16,6 +16,8 @@ from dpgkit.diffusion import (
     eps_from_x0,
     linear_betas,
     model_log_variance,
+    predict_eps,
+    predict_x0,
     q_posterior,
     q_sample,
     space_timesteps,
@@ -332,3 +334,85 @@ def test_ddim_with_eta_zero_is_deterministic(name):
     torch.testing.assert_close(out[0], x0[0])  # the last step lands on x0
     with pytest.raises(ValueError, match="needs noise"):
         ddim_step(sched, i, x_t, x0, eta=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: schedule coefficients formed in float64 and cast at the end (guided-diffusion)
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_coefficients(sched: Schedule) -> dict[str, torch.Tensor]:
+    """Every reverse-step coefficient from the float64 betas, written out independently."""
+    b = sched.betas.to(F64)
+    abar = torch.cumprod(1 - b, 0)
+    prev = torch.cat([torch.ones(1, dtype=F64), abar[:-1]])
+    return {
+        "coef_x0": b * prev.sqrt() / (1 - abar),
+        "coef_xt": (1 - prev) * (1 - b).sqrt() / (1 - abar),
+        "recip": (1 / abar).sqrt(),
+        "recipm1": (1 / abar - 1).sqrt(),
+        "prev_sqrt": prev.sqrt(),
+        "ddim_eps": (1 - prev).sqrt(),
+    }
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_float32_coefficients_are_within_1e7_of_float64(name):
+    sched = SCHEDULES[name]
+    ref = _reference_coefficients(sched)
+    i = torch.arange(len(sched))
+    one = torch.ones(len(sched), 1, 1, 1)  # float32 images: each coefficient times 1 or 0
+    zero = torch.zeros_like(one)
+    got = {
+        "coef_x0": q_posterior(sched, i, one, zero)[0],
+        "coef_xt": q_posterior(sched, i, zero, one)[0],
+        "recip": predict_x0(sched, i, one, zero, clip=False),
+        "recipm1": -predict_x0(sched, i, zero, one, clip=False),
+    }
+    for key, value in got.items():
+        assert value.dtype == torch.float32
+        nonzero = ref[key] != 0  # coef_xt is exactly 0 at step 0
+        assert torch.all(value.flatten()[~nonzero] == 0)
+        rel = ((value.flatten().double() - ref[key]) / ref[key]).abs()[nonzero]
+        assert float(rel.max()) <= 1e-7, (key, float(rel.max()))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_float32_ddim_and_ddpm_steps_match_float64_to_rounding(name, eta):
+    # The whole step on float32 images against the same step in float64: only the final
+    # roundings remain (|x| up to ~4 here, so a few float32 ulps is ~1e-6). With abar and beta
+    # cast to float32 first, the 1000-step chain is off by 5e-4 at its second-to-last step.
+    sched = SCHEDULES[name]
+    i = torch.arange(len(sched))
+    x0 = torch.rand(len(sched), 3, 8, 8, generator=gen(0)) * 2 - 1
+    x_t = torch.randn(len(sched), 3, 8, 8, generator=gen(1))
+    z = torch.randn(len(sched), 3, 8, 8, generator=gen(2))
+    ref = ddim_step(sched, i, x_t.double(), x0.double(), eta=eta, noise=z.double())
+    got = ddim_step(sched, i, x_t, x0, eta=eta, noise=z)
+    assert got.dtype == torch.float32
+    assert float((got.double() - ref).abs().max()) <= 2e-6
+    ref = ddpm_step(sched, i, x_t.double(), x0.double(), z.double())
+    assert float((ddpm_step(sched, i, x_t, x0, z).double() - ref).abs().max()) <= 2e-6
+
+
+def test_casting_abar_first_would_fail_the_precision_test():
+    # The comparison above can fail: the float32-first form (abar and beta cast, then combined)
+    # is off by more than 1e-5 relative at the last steps of the 1000-step chain.
+    sched = Schedule.linear(1000)
+    ref = _reference_coefficients(sched)["coef_x0"]
+    b32, abar32 = sched.betas.float(), sched.alphas_cumprod.float()
+    prev32 = torch.cat([torch.ones(1), abar32[:-1]])
+    naive = b32 * prev32.sqrt() / (1 - abar32)
+    assert float(((naive.double() - ref) / ref).abs()[:3].max()) > 1e-5
+
+
+def test_predict_x0_and_eps_invert_each_other_and_match_tweedie():
+    sched = SCHEDULES["ddim50"]
+    i = steps(sched)
+    x_t = torch.randn(len(i), 3, 4, 4, generator=gen(0), dtype=F64)
+    eps = torch.randn(len(i), 3, 4, 4, generator=gen(1), dtype=F64)
+    x0 = predict_x0(sched, i, x_t, eps, clip=False)
+    torch.testing.assert_close(x0, tweedie_x0(x_t, eps, at_step(sched.alphas_cumprod, i, x_t), clip=False))
+    torch.testing.assert_close(predict_eps(sched, i, x_t, x0), eps)
+    assert float(predict_x0(sched, i, x_t, eps).abs().max()) <= 1.0  # clipped by default

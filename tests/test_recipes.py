@@ -112,6 +112,10 @@ def test_recipe_instantiates_with_published_settings(recipe):
         assert solver.znorm is None and solver.r == "heuristic" and solver.clip
 
     assert isinstance(module.task.operator, OPERATORS[task])
+    if task == "sr":
+        # the authors' configs: the DPS code's bicubic Resizer, x4 (not the paper text's pooling)
+        op = module.task.operator
+        assert (op.factor, op.mode) == (4, "bicubic")
     poisson = recipe.stem.endswith("_poisson")
     noise = module.task.noise
     assert isinstance(noise, Poisson if poisson else Gaussian)

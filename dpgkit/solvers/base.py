@@ -194,7 +194,7 @@ class ReverseChain:
     def denoise(self, x_t: Tensor, t_vec: Tensor, i_vec: Tensor, clip: bool) -> tuple[Tensor, Tensor | None]:
         """(x0hat, log variance of the reverse step or None for the fixed-small default)."""
         eps, var_values = self.model.eps_and_variance(x_t, t_vec)
-        x0hat = dm.tweedie_x0(x_t, eps, self.abar(i_vec, x_t), clip=clip)
+        x0hat = dm.predict_x0(self.schedule, i_vec, x_t, eps, clip=clip)  # float64 coefficients
         log_var = None
         if var_values is not None:
             log_var = dm.model_log_variance(self.schedule, i_vec, x_t, "learned_range", var_values.detach())
