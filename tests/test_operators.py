@@ -369,6 +369,39 @@ def test_kernels_are_nonnegative_and_sum_to_one():
     assert torch.equal(same, motion_kernel(61, 0.5, torch.Generator().manual_seed(0)))
 
 
+def _kernel_statistics(k: torch.Tensor) -> tuple[int, int, float, float]:
+    """(pixels holding 99% of the mass, nonzero pixels, spread = sqrt(trace of the mass's
+    covariance) in px, elongation = ratio of its principal standard deviations)."""
+    k = k.double() / k.double().sum()
+    flat = k.flatten().sort(descending=True).values
+    n99 = int(torch.searchsorted(flat.cumsum(0), torch.tensor(0.99, dtype=torch.float64))) + 1
+    rows, cols = torch.meshgrid(torch.arange(k.shape[0], dtype=torch.float64),
+                                torch.arange(k.shape[1], dtype=torch.float64), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], 1)
+    mean = (k.flatten()[:, None] * pos).sum(0)
+    d = pos - mean
+    cov = (k.flatten()[:, None, None] * d[:, :, None] * d[:, None, :]).sum(0)
+    ev = torch.linalg.eigvalsh(cov)
+    return n99, int((k > 0).sum()), float(ev.sum().sqrt()), float((ev[1] / ev[0].clamp_min(1e-12)).sqrt())
+
+
+def test_motion_kernels_have_the_reference_generators_statistics():
+    # Medians over 900 kernels (61 x 61, intensity 0.5) of LeviBorodenko/motionblur's generator,
+    # the one the DPS and DPG experiments draw from, run as published (3 x 300 kernels; the three
+    # medians agree to within 2%): 99% of the mass in 105 px, 139 nonzero px, spread 10.5 px,
+    # elongation 8.7. A generator whose lines are about twice as thick (99% mass in ~200 px,
+    # ~420 nonzero px) fails the first two bands; one without the 8-bit storage (~430 nonzero px)
+    # fails the second. Bands: +-15% around the reference (+-20% for elongation, the noisiest),
+    # for 150 kernels (sampling error of each median about 6%, 9% for elongation).
+    stats = torch.tensor([_kernel_statistics(motion_kernel(61, 0.5, torch.Generator().manual_seed(seed)))
+                          for seed in range(150)])
+    n99, support, spread, elongation = stats.median(0).values.tolist()
+    assert 0.85 * 105 <= n99 <= 1.15 * 105, n99
+    assert 0.85 * 139 <= support <= 1.15 * 139, support
+    assert 0.85 * 10.5 <= spread <= 1.15 * 10.5, spread
+    assert 0.8 * 8.7 <= elongation <= 1.2 * 8.7, elongation
+
+
 def test_motion_intensity_zero_is_a_straight_line():
     k = motion_kernel(31, 0.0, torch.Generator().manual_seed(2)).double()
     ys, xs = torch.nonzero(k > 0.2 * k.max(), as_tuple=True)

@@ -1,12 +1,16 @@
 """Blur kernel generators: Gaussian, and random camera-shake (motion) trajectories.
 
-The motion generator follows the idea published with LeviBorodenko/motionblur (the one the DPS
-and DPG experiments use): the camera takes a random walk whose total length, step sizes and
+The motion generator follows the algorithm published with LeviBorodenko/motionblur (the one the
+DPS and DPG experiments use): the camera takes a random walk whose total length, step sizes and
 turning angles grow with an `intensity` in [0, 1] (0: a straight line, 1: a strongly curved and
-often self-crossing path); the path is centred on its centre of mass, rotated at random,
-rasterised on a 2x supersampled canvas, softened, downsampled and normalised. This is an
-independent torch implementation drawing from a torch.Generator, so its kernels are not
-bit-identical to that package's.
+often self-crossing path); the path is centred on its centre of mass, rotated at random, drawn as
+a one-pixel line on a 2x supersampled canvas, blurred by a Gaussian of std int(1% of the canvas
+diagonal) pixels (1 px for a 61 x 61 kernel), downsampled with a Lanczos-3 filter, stored at 8-bit
+precision and normalised. The 8-bit step matters for the kernel's support: the reference keeps
+its kernel as a grayscale image, so weights under half a grey level (about 0.5% of the line's
+peak) are exactly zero. This is an independent torch implementation drawing from a
+torch.Generator: its kernels are not bit-identical to that package's, but their statistics match
+(tests/test_operators.py: mass concentration, support, spread, elongation).
 """
 
 from __future__ import annotations
@@ -77,9 +81,14 @@ def _trajectory(size: int, intensity: float, gen: torch.Generator | None) -> Ten
 
 
 def _rasterise(path: Tensor, size: int, spacing: float = 0.25) -> Tensor:
-    """Equal mass per unit length along the polyline, splatted bilinearly on a size x size grid."""
+    """A one-pixel-wide line along the polyline on a size x size canvas, ink in [0, 1].
+
+    Points every `spacing` px along the path, each adding its length to the pixel it falls in
+    (an aliased line, as the reference's one-pixel line drawing); a pixel the line crosses more
+    than once saturates at full ink, as a drawn line does.
+    """
     if path.numel() == 1:
-        points = path
+        points, weight = path, 1.0
     else:
         seg = (path[1:] - path[:-1]).abs()
         cum = torch.cat([torch.zeros(1, dtype=seg.dtype), torch.cumsum(seg, 0)])
@@ -88,18 +97,42 @@ def _rasterise(path: Tensor, size: int, spacing: float = 0.25) -> Tensor:
         s = (torch.arange(n, dtype=torch.float64) + 0.5) * (total / n)
         i = torch.searchsorted(cum, s, right=True).clamp(1, len(path) - 1) - 1
         frac = ((s - cum[i]) / seg[i].clamp_min(1e-12)).clamp(0, 1)
-        points = path[i] + frac * (path[i + 1] - path[i])
+        points, weight = path[i] + frac * (path[i + 1] - path[i]), max(total / n, 1e-12)
     # pixel centres at integer + 0.5
-    x, y = points.real - 0.5, points.imag - 0.5
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = x - x0, y - y0
+    cols, rows = torch.floor(points.real).long(), torch.floor(points.imag).long()
+    inside = (cols >= 0) & (cols < size) & (rows >= 0) & (rows < size)
     canvas = torch.zeros(size, size, dtype=torch.float64)
-    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                      (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        cols, rows = (x0 + dx).long(), (y0 + dy).long()
-        inside = (cols >= 0) & (cols < size) & (rows >= 0) & (rows < size)
-        canvas.index_put_((rows[inside], cols[inside]), w[inside], accumulate=True)
-    return canvas
+    ink = torch.full((int(inside.sum()),), min(weight, 1.0), dtype=torch.float64)
+    canvas.index_put_((rows[inside], cols[inside]), ink, accumulate=True)
+    return canvas.clamp(max=1.0)
+
+
+def _gaussian_blur(img: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of a (H, W) image, zero outside, truncated at 3 sigma."""
+    if sigma <= 0:
+        return img
+    radius = math.ceil(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-(t**2) / (2 * sigma**2))
+    g = (g / g.sum()).to(img.dtype)
+    out = F.conv2d(img[None, None], g.view(1, 1, -1, 1), padding=(radius, 0))
+    return F.conv2d(out, g.view(1, 1, 1, -1), padding=(0, radius))[0, 0]
+
+
+def _lanczos_matrix(n: int, factor: int, a: int = 3) -> Tensor:
+    """(n // factor, n) float64: antialiased Lanczos-a downsampling, weights normalised per output
+    pixel, taps outside the signal dropped before normalising (an image resampler's convention)."""
+    m = n // factor
+    centre = (torch.arange(m, dtype=torch.float64) + 0.5) * factor - 0.5  # in input pixels
+    reach = a * factor
+    j = torch.floor(centre)[:, None] + torch.arange(-reach, reach + 2, dtype=torch.float64)[None, :]
+    t = (j - centre[:, None]) / factor
+    w = torch.where(t.abs() < a, torch.sinc(t) * torch.sinc(t / a), torch.zeros_like(t))
+    w = torch.where((j >= 0) & (j < n), w, torch.zeros_like(w))
+    w = w / w.sum(1, keepdim=True)
+    mat = torch.zeros(m, n, dtype=torch.float64)
+    mat.scatter_add_(1, j.long().clamp(0, n - 1), w)
+    return mat
 
 
 def motion_kernel(size: int = 61, intensity: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
@@ -114,18 +147,16 @@ def motion_kernel(size: int = 61, intensity: float = 0.5, generator: torch.Gener
         raise ValueError(f"intensity must lie in [0, 1], got {intensity}")
     big = 2 * size  # supersampled canvas, for anti-aliasing
     canvas = _rasterise(_trajectory(big, float(intensity), generator), big)
-    # soften the one-pixel line (the reference blurs it by about 1% of the diagonal)
-    sigma = 0.01 * math.sqrt(2) * big
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    g = torch.exp(-(t**2) / (2 * sigma**2))
-    g = g / g.sum()
-    img = canvas[None, None]
-    img = F.conv2d(img, g.view(1, 1, -1, 1), padding=(radius, 0))
-    img = F.conv2d(img, g.view(1, 1, 1, -1), padding=(0, radius))
-    k = F.avg_pool2d(img, 2)[0, 0].clamp_min(0)
+    # soften the line by a Gaussian of std int(1% of the diagonal): the reference's blur radius
+    img = _gaussian_blur(canvas, float(int(0.01 * math.sqrt(2) * big)))
+    down = _lanczos_matrix(big, 2)
+    k = (down @ img @ down.T).clamp_min(0)
+    # 8-bit storage, as the reference's grayscale kernel image: weights under half a level vanish
+    quantised = torch.round(k * 255)
+    if float(quantised.sum()) > 0:
+        k = quantised
     total = float(k.sum())
-    if total <= 0:  # pragma: no cover - the path is centred on the canvas, so some mass lands
+    if total <= 0:  # pragma: no cover - the path is centred on the canvas, so some ink lands
         k = torch.zeros(size, size, dtype=torch.float64)
         k[size // 2, size // 2] = 1.0
         total = 1.0
