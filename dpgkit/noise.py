@@ -1,8 +1,11 @@
 """Measurement noise: simulation, and the likelihood terms that guidance uses.
 
-Images and measurements are on the [-1, 1] scale. Each noise model gives DPG its residual energy
-(squared L2 for Gaussian, L1 for Poisson), its temperature Z and its policy width r
-(spec, steps 1 and 2), and DPS its data-fidelity term.
+Images are on the [-1, 1] scale; measurements are in the operator's own units, which the operator
+declares as `measurement_unit` ("picture": the [-1, 1] image scale; "magnitude": non-negative
+values of any size; "real": anything). A noise model either simulates y with E[y] = A(x) in those
+units or refuses the operator (`check`, which `Task.measure` calls) with an error naming the unit
+it needs. Each noise model gives DPG its residual energy (squared L2 for Gaussian, L1 for Poisson),
+its temperature Z and its policy width r (spec, steps 1 and 2), and DPS its data-fidelity term.
 """
 
 from __future__ import annotations
@@ -35,9 +38,30 @@ class NoiseModel(ABC):
         if "energy" in cls.__dict__ and "energy_kind" not in cls.__dict__:
             cls.energy_kind = None
 
+    #: the operators' measurement units this model simulates (`Operator.measurement_unit`)
+    units: tuple[str, ...] = ("picture", "magnitude", "real")
+
+    def check(self, operator) -> str:
+        """The operator's measurement unit if this model can simulate it; ValueError otherwise.
+
+        Reads `operator.measurement_unit` (operators that do not declare one count as "real").
+        Pass the result to `simulate(..., unit=...)`.
+        """
+        unit = getattr(operator, "measurement_unit", "real")
+        if unit not in self.units:
+            raise ValueError(
+                f"{self!r} needs a measurement in one of the units {self.units}, but {operator!r} "
+                f"declares measurement_unit={unit!r}; use Gaussian noise, or an operator that "
+                "declares its unit (e.g. BlackBox(fn, measurement_unit='picture'))"
+            )
+        return unit
+
     @abstractmethod
-    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-        """Noisy measurement of `ax` (B, ...), item b drawn from generators[b] (CPU generators)."""
+    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator], unit: str = "picture") -> Tensor:
+        """Noisy measurement of `ax` (B, ...), item b drawn from generators[b] (CPU generators).
+
+        `unit`: the operator's measurement unit (from `check`); E[y] = ax in that unit.
+        """
 
     @abstractmethod
     def energy(self, y: Tensor, ax: Tensor, batch_dims: int = 1) -> Tensor:
@@ -74,7 +98,9 @@ class Gaussian(NoiseModel):
     def __repr__(self) -> str:
         return f"Gaussian(sigma={self.sigma})"
 
-    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator], unit: str = "picture") -> Tensor:
+        """ax + sigma z, z ~ N(0, I): any unit (sigma is in the measurement's own units)."""
+        _check_unit(self, unit)
         _check_generators(ax, generators)
         z = torch.stack([torch.randn(ax.shape[1:], generator=g) for g in generators])
         return ax + self.sigma * z.to(ax.device, ax.dtype)
@@ -94,7 +120,21 @@ class Gaussian(NoiseModel):
 
 
 class Poisson(NoiseModel):
-    """Poisson noise of rate `rate` (paper: 1.0): y01 = Poisson(255 rate x01) / (255 rate)."""
+    """Poisson (shot) noise of rate `rate` (paper: 1.0), counted in the operator's units.
+
+    "picture" measurements (the DPS code's convention, which the published Poisson runs used):
+    y01 = Poisson(255 rate x01) / (255 rate) with x01 = (A(x) + 1) / 2 clamped to [0, 1], and y
+    clamped back to [-1, 1]. E[y] = A(x) wherever the clamps do not bite (A(x) in [-1, 1] and
+    255 rate x01 well below 255 rate: the top clamp lowers E[y] near white, by half a standard
+    deviation at x01 = 1).
+    "magnitude" measurements (non-negative, unbounded, e.g. phase retrieval's Fourier magnitudes):
+    y = Poisson(255 rate A(x)) / (255 rate), no clamp, so E[y] = A(x) and Var[y] = A(x) / (255
+    rate): one unit of the measurement is 255 rate expected counts, the same exposure as a white
+    pixel in the picture convention.
+    "real" measurements (signed values of any size) are refused: a Poisson mean cannot be negative.
+    """
+
+    units = ("picture", "magnitude")
 
     energy_kind = "l1"
 
@@ -106,9 +146,14 @@ class Poisson(NoiseModel):
     def __repr__(self) -> str:
         return f"Poisson(rate={self.rate})"
 
-    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    def simulate(self, ax: Tensor, generators: Sequence[torch.Generator], unit: str = "picture") -> Tensor:
+        _check_unit(self, unit)
         _check_generators(ax, generators)
         scale = 255.0 * self.rate
+        if unit == "magnitude":
+            mean = ax.detach().cpu().double().clamp_min(0)  # rounding can leave -0 or -1e-17
+            counts = torch.stack([torch.poisson(mean[b] * scale, generator=g) for b, g in enumerate(generators)])
+            return (counts / scale).to(ax.device, ax.dtype)
         x01 = ((ax.detach().cpu().float() + 1) / 2).clamp(0, 1)
         counts = torch.stack([torch.poisson(x01[b] * scale, generator=g) for b, g in enumerate(generators)])
         return ((counts / scale) * 2 - 1).clamp(-1, 1).to(ax.device, ax.dtype)
@@ -140,6 +185,11 @@ class Noiseless(Gaussian):
 
     def __repr__(self) -> str:
         return "Noiseless()"
+
+
+def _check_unit(model: NoiseModel, unit: str) -> None:
+    if unit not in model.units:
+        raise ValueError(f"{model!r} simulates measurements in the units {model.units}, got unit={unit!r}")
 
 
 def _check_generators(ax: Tensor, generators: Sequence[torch.Generator]) -> None:

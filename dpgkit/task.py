@@ -87,7 +87,7 @@ class Task:
         with torch.no_grad():
             ax = drawn.operator(x)
         gens = [generator(seed, i, "measurement") for i in indices]
-        y = self.noise.simulate(ax, gens)
+        y = self.noise.simulate(ax, gens, unit=self.noise.check(drawn.operator))
         observed = drawn.operator.observed()
         if observed is not None and not self.noisy_unobserved:
             y = y * (observed.to(y) > 0)

@@ -102,3 +102,105 @@ def test_likelihood_terms_follow_the_spec():
     assert float(p.width(torch.tensor(98304.0), 196608, 0.0)) == pytest.approx(0.5)
     assert g.reward_shift_uses_z_raw and not p.reward_shift_uses_z_raw
     assert torch.allclose(g.fidelity(y, ax), torch.full((2,), math.sqrt(5.25)))
+
+
+# -- units: every noise model x every operator, E[y] = A(x) or a refusal ----------------------
+def _operators() -> dict[str, dk.operators.Operator]:
+    from dpgkit.operators import (
+        JPEG,
+        BlackBox,
+        Colorization,
+        GaussianBlur,
+        Inpainting,
+        MotionBlur,
+        PhaseRetrieval,
+        SuperResolution,
+    )
+
+    return {
+        "denoising": Denoising(),
+        "colorization": Colorization(),
+        "sr-avgpool": SuperResolution(2, "avgpool"),
+        "sr-bicubic": SuperResolution(2, "bicubic"),
+        "gaussian-blur": GaussianBlur(5, 1.0),
+        "motion-blur": MotionBlur(7, 0.5),
+        "box-inpainting": Inpainting.box(side=4, margin=2),
+        "random-inpainting": Inpainting.random(0.5),
+        "jpeg": JPEG(50),
+        "phase-retrieval": PhaseRetrieval(2.0),
+        "blackbox-real": BlackBox(lambda a: 3 * a - 1),
+        "blackbox-picture": BlackBox(lambda a: a[::-1].copy(), measurement_unit="picture"),
+    }
+
+
+NOISES = {"gaussian": Gaussian(0.05), "noiseless": Noiseless(), "poisson": Poisson(1.0), "poisson-0.1": Poisson(0.1)}
+# what each model refuses; everything else must be simulated with E[y] = A(x)
+REFUSED = {("poisson", "blackbox-real"), ("poisson-0.1", "blackbox-real")}
+
+
+@pytest.mark.parametrize("op_name", list(_operators()))
+@pytest.mark.parametrize("noise_name", list(NOISES))
+def test_expected_measurement_is_the_clean_one_in_the_operators_units(noise_name, op_name):
+    noise, template = NOISES[noise_name], _operators()[op_name]
+    # an image in [-0.8, 0.2]: the picture convention's clamps at -1 and +1 do not bite (at
+    # rate 0.1 a white pixel is 25.5 expected counts, so the top clamp bites from x01 ~ 0.7)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) - 0.8
+    # one fixed operator for all the draws (a random template would draw one per seed)
+    fixed = template.draw([0], x.shape[1:]) if template.is_random else template
+    task = dk.Task(fixed, noise)
+    if (noise_name, op_name) in REFUSED:
+        with pytest.raises(ValueError, match="measurement_unit='real'"):
+            task.measure(x, seed=0)
+        return
+    draws = 400
+    ys = torch.cat([task.measure(x, seed=s).double() for s in range(draws)])
+    ax = task.operator.double()(x.double()) if not isinstance(template, dk.operators.BlackBox) \
+        else task.operator(x).double()
+    mean, sd = ys.mean(0), ys.std(0)
+    if noise_name == "noiseless":
+        torch.testing.assert_close(ys, ax.expand_as(ys), atol=1e-6, rtol=1e-6)
+        return
+    # per measurement entry, the mean of 400 draws is within 5.5 standard errors of A(x)
+    # (about 1e-7 per entry under the null; at most ~2500 entries here); entries whose draws
+    # do not vary (Poisson at A(x) = 0 in magnitude units) must equal A(x) exactly
+    se = sd / draws**0.5
+    varies = sd > 0
+    z = (mean - ax[0]).abs()[varies] / se[varies]
+    assert float(z.max()) < 5.5, float(z.max())
+    torch.testing.assert_close(mean[~varies], ax[0][~varies], atol=1e-6, rtol=0)
+
+
+def test_poisson_on_phase_retrieval_counts_the_magnitude_itself():
+    # the failing report: with the picture convention every y was <= 1 and E[y] at DC was 0.95
+    # instead of 6.73 (32 x 32 px). In magnitude units E[y] = A(x) and Var[y] = A(x) / (255 rate).
+    from dpgkit.operators import PhaseRetrieval
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = 0.3 + 0.5 * x  # mean 0.3: DC terms 0.3 * 1024 / 48 = 6.4, far above 1
+    task = dk.Task(PhaseRetrieval(2.0), Poisson(1.0))
+    ys = torch.cat([task.measure(x, seed=s).double() for s in range(300)])
+    ax = PhaseRetrieval(2.0).double()(x.double())[0]
+    h, w = ax.shape[-2:]
+    dc = ax[:, h // 2, w // 2]
+    assert float(dc.min()) > 6.0 and float(ys.max()) > 1.0
+    torch.testing.assert_close(ys.mean(0)[:, h // 2, w // 2], dc, rtol=0.003, atol=0)
+    # Var[y] = A(x) / 255 at the DC terms: the sample variance of 300 draws within 25%
+    torch.testing.assert_close(ys.var(0)[:, h // 2, w // 2], dc / 255, rtol=0.25, atol=0)
+
+
+def test_noise_models_refuse_what_they_cannot_simulate_by_name():
+    from dpgkit.operators import BlackBox, PhaseRetrieval
+
+    assert Poisson(1.0).check(PhaseRetrieval()) == "magnitude"
+    assert Poisson(1.0).check(Denoising()) == "picture"
+    assert Gaussian(0.1).check(BlackBox(lambda a: a)) == "real"
+    with pytest.raises(ValueError, match=r"Poisson\(rate=1.0\) needs a measurement in one of the units"):
+        Poisson(1.0).check(BlackBox(lambda a: a))
+    with pytest.raises(ValueError, match="got unit='real'"):
+        Poisson(1.0).simulate(torch.zeros(1, 1, 2, 2), _gens(1), unit="real")
+    with pytest.raises(ValueError, match="measurement_unit must be one of"):
+        BlackBox(lambda a: a, measurement_unit="photons")
+    # a blur whose kernel is not an average (negative weights) is not a picture any more
+    sharpen = dk.operators.Blur(torch.tensor([[0.0, -1, 0], [-1, 5, -1], [0, -1, 0]]))
+    assert sharpen.measurement_unit == "real"
+    assert dk.operators.GaussianBlur(5, 1.0).measurement_unit == "picture"

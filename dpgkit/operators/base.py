@@ -13,7 +13,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox"]
+__all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox", "MEASUREMENT_UNITS"]
+
+# What y = A(x) holds when x is an image on the [-1, 1] scale; noise models read it (see
+# `Operator.measurement_unit` and `dpgkit.noise.NoiseModel.check`).
+MEASUREMENT_UNITS = ("picture", "magnitude", "real")
 
 
 class Operator(nn.Module):
@@ -28,6 +32,11 @@ class Operator(nn.Module):
     def label(self) -> str:
         """The task's name for summaries and `dpgkit evaluate` (default: the class name)."""
         return self.task_name or type(self).__name__
+    #: What the measurement holds, for noise models whose statistics depend on it:
+    #: "picture": an image on the [-1, 1] scale (pixel averages with non-negative weights summing
+    #: to 1, masks, JPEG); "magnitude": non-negative values of any size (Fourier magnitudes);
+    #: "real": any real values, nothing assumed (the default for operators that do not say).
+    measurement_unit: str = "real"
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -110,15 +119,20 @@ class BlackBox(Operator):
 
     `fn` takes one image (C, H, W) as a float32 numpy array in [-1, 1] (``numpy=True``) or a
     tensor, and returns the measurement of that image. DPG works with it; DPS refuses it.
+    `measurement_unit` says what the function returns (one of MEASUREMENT_UNITS; "real" assumes
+    nothing, and noise models that need a picture or a magnitude refuse it).
     """
 
     differentiable = False
 
-    def __init__(self, fn, linear: bool = False, numpy: bool = True) -> None:
+    def __init__(self, fn, linear: bool = False, numpy: bool = True, measurement_unit: str = "real") -> None:
         super().__init__()
+        if measurement_unit not in MEASUREMENT_UNITS:
+            raise ValueError(f"measurement_unit must be one of {MEASUREMENT_UNITS}, got {measurement_unit!r}")
         self.fn = fn
         self.is_linear = linear
         self.numpy = numpy
+        self.measurement_unit = measurement_unit
 
     def forward(self, x: Tensor) -> Tensor:
         outs = []

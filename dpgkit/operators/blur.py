@@ -61,6 +61,10 @@ class Blur(LinearOperator):
             raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
         self.padding = padding
         self.register_buffer("kernel", kernel)
+        # a weighted average of pixels (non-negative weights summing to 1) keeps the picture scale
+        sums = kernel.double().flatten(1).sum(1)
+        averaging = bool((kernel >= 0).all()) and bool(((sums - 1).abs() < 1e-4).all())
+        self.measurement_unit = "picture" if averaging else "real"
 
     def __repr__(self) -> str:
         b, kh, kw = self.kernel.shape
@@ -172,6 +176,7 @@ class MotionBlur(Template):
         if padding not in _PADDINGS:
             raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r}")
         self.kernel_size, self.intensity, self.padding = kernel_size, intensity, padding
+        self.measurement_unit = "picture"  # its kernels are non-negative and sum to 1
 
     def __repr__(self) -> str:
         return (f"MotionBlur(kernel_size={self.kernel_size}, intensity={self.intensity}, "

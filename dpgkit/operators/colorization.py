@@ -15,6 +15,7 @@ __all__ = ["Colorization"]
 
 
 class Colorization(LinearOperator):
+    measurement_unit = "picture"
     """y (B, 1, H, W) = mean over the C channels of x (B, C, H, W)."""
 
     task_name = "colorization"

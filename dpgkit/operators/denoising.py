@@ -16,6 +16,7 @@ __all__ = ["Denoising"]
 
 
 class Denoising(LinearOperator):
+    measurement_unit = "picture"
     """y = x (the noise model adds the noise)."""
 
     task_name = "denoising"

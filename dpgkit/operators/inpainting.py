@@ -105,6 +105,7 @@ class Inpainting(LinearOperator):
     """
 
     task_name = "inpaint"
+    measurement_unit = "picture"
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
@@ -203,6 +204,8 @@ class InpaintingTemplate(Template):
 
     Subclasses implement `sample(generator, height, width)` -> a (1, H, W) mask.
     """
+
+    measurement_unit = "picture"
 
     def sample(self, gen: torch.Generator, height: int, width: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -27,6 +27,7 @@ class JPEG(Operator):
     task_name = "JPEG restoration"
 
     differentiable = False
+    measurement_unit = "picture"
 
     def __init__(self, quality: int = 10) -> None:
         super().__init__()
