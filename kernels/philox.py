@@ -3,8 +3,10 @@
 
 This torch implementation is the definition; the Triton kernels draw the very same numbers in
 registers with `tl.philox` (Philox4x32-10 with counter (j, i, 0, 0) and key = the 64-bit seed),
-then `tl.uint_to_uniform_float` and Box-Muller, so eager, chunked and fused guidance all see the
-same eps whatever the chunk size, the batch or the device.
+then `tl.uint_to_uniform_float` and Box-Muller, so eps does not depend on the chunk size, the batch
+or the device. The eager and chunked paths draw `reference.torch_normal` by default (Philox in
+torch is ~100x slower on the CPU) and this stream only when passed `stream=philox_normal`, as the
+kernels' tests do.
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ def _to_uniform(word: Tensor) -> Tensor:
 
 
 def philox_normal(
-    seed: int, sample_start: int, num_samples: int, numel: int, device: torch.device | str = "cpu"
+    seed: int, sample_start: int, num_samples: int, numel: int, device: torch.device | str = "cpu",
+    out: Tensor | None = None,
 ) -> Tensor:
     """Standard normals eps[i, j] for samples sample_start..+num_samples and elements 0..numel-1.
 
-    Returns (num_samples, numel) float32 on `device`.
+    Returns (num_samples, numel) float32 on `device`, written into `out` when given.
     """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be a 64-bit unsigned integer, got {seed}")
@@ -72,4 +75,5 @@ def philox_normal(
     w0, w1, _, _ = philox4x32(seed, j.expand(num_samples, numel), i[:, None].expand(num_samples, numel))
     u1 = _to_uniform(w0).clamp_min(1.0e-7)
     u2 = _to_uniform(w1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    eps = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return eps if out is None else out.copy_(eps)
