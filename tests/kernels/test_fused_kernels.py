@@ -255,3 +255,22 @@ def test_chunked_batch_with_a_shared_operator_matches_item_by_item(device):
                                                    chunk_size=16)
         torch.testing.assert_close(v[b], v_b, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(m[b], m_b, rtol=0, atol=1e-12)
+
+
+def test_which_backends_share_a_monte_carlo_stream_as_the_readme_says(device):
+    # README, Determinism: eager and chunked draw torch_normal (the same samples whatever the chunk
+    # size); triton draws Philox, other samples of the same distribution
+    noise = dk.noise.Gaussian(0.1)
+    x0hat, y, op, r, z, z_raw = _problem(dk.operators.SuperResolution(2, "avgpool"), noise, (3, 8, 6), 1, device)
+    args = (x0hat, y, op, noise, r, z, z_raw, N, [21])
+    v_eager, _ = kernels.dpg_direction(*args, backend="eager")
+    v_chunked, _ = kernels.dpg_direction(*args, backend="chunked", chunk_size=16)
+    v_triton, _ = kernels.dpg_direction(*args, backend="triton")
+    item = (x0hat[0], y[0], op, noise, r[0], z[0], z_raw[0], N, 21)
+    v_torch, _ = reference.dpg_direction_eager(*item, stream=reference.torch_normal)
+    v_philox, _ = reference.dpg_direction_eager(*item, stream=_kernel_noise)
+    assert torch.equal(v_eager[0], v_torch)  # the default stream is torch_normal
+    torch.testing.assert_close(v_chunked[0], v_torch, rtol=1e-5, atol=1e-6)
+    _close(v_triton[0], v_philox, torch.zeros(()), torch.zeros(()))
+    # other samples: the two estimates differ by Monte Carlo error, not by rounding
+    assert float((v_triton[0] - v_torch).abs().max()) > 100 * float((v_chunked[0] - v_torch).abs().max() + 1e-7)
