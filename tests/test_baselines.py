@@ -283,7 +283,7 @@ def test_baseline_recipe_instantiates_and_applies(recipe):
     assert {k: getattr(module.solver, k) for k in settings} == settings
     assert module.task.noise.sigma == 0.05 and module.seed == 0
     if task_name == "sr":  # the same bicubic y as the DPG and DPS SR recipes
-        assert (module.task.template.factor, module.task.template.mode) == (4, "bicubic")
+        assert (module.task.operator.factor, module.task.operator.mode) == (4, "bicubic")
     # the method accepts the recipe's operator (drawn for one image at the stand-in prior's size)
     module.build_prior()
     shape = module.diffusion.image_shape

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..noise import Gaussian, Noiseless, NoiseModel, Poisson
 from ._checks import check_images, image_shape3
-from .base import LinearOperator, Operator, SVDView
+from .base import MEASUREMENT_UNITS, LinearOperator, Operator, SVDView
 from .svd_views import _gather, _scatter
 
 __all__ = ["from_deepinv", "noise_from_deepinv", "DeepinvOperator", "DeepinvLinearOperator", "DeepinvSVD"]
@@ -61,9 +61,10 @@ def _tensor_out(out: Any, who: str) -> Tensor:
 class DeepinvOperator(Operator):
     """A deepinv `Physics` as a dpgkit operator: forward(x (B, C, H, W) in [-1, 1]) = physics.A(x)."""
 
-    def __init__(self, physics: torch.nn.Module) -> None:
+    def __init__(self, physics: torch.nn.Module, measurement_unit: str = "real") -> None:
         super().__init__()
         self.physics = physics
+        self.measurement_unit = _unit(measurement_unit)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.physics).__name__})"
@@ -77,9 +78,10 @@ class DeepinvLinearOperator(LinearOperator):
     """A deepinv `LinearPhysics`: forward = physics.A, adjoint = physics.A_adjoint; a
     `DecomposablePhysics` also gives `svd(image_shape)` (a `DeepinvSVD`)."""
 
-    def __init__(self, physics: torch.nn.Module) -> None:
+    def __init__(self, physics: torch.nn.Module, measurement_unit: str = "real") -> None:
         super().__init__()
         self.physics = physics
+        self.measurement_unit = _unit(measurement_unit)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.physics).__name__})"
@@ -171,13 +173,23 @@ class DeepinvSVD(SVDView):
         return self.physics.U(spec).reshape(z.shape[0], -1)
 
 
-def from_deepinv(physics: torch.nn.Module) -> Operator:
+def _unit(measurement_unit: str) -> str:
+    if measurement_unit not in MEASUREMENT_UNITS:
+        raise ValueError(f"measurement_unit must be one of {MEASUREMENT_UNITS}, got {measurement_unit!r}")
+    return measurement_unit
+
+
+def from_deepinv(physics: torch.nn.Module, measurement_unit: str = "real") -> Operator:
     """A deepinv `Physics` as a dpgkit operator.
 
     Args:
         physics: any `deepinv.physics.Physics` (fixed parameters: the mask, kernel... it holds when
             wrapped; update them in deepinv before wrapping). Its noise model is not applied by the
             operator: give the task `noise_from_deepinv(physics)` (or any dpgkit noise model).
+        measurement_unit: what physics.A returns (`Operator.measurement_unit`): "picture" when it
+            keeps the image scale (blur, inpainting, downsampling), "magnitude" for non-negative
+            values of any size, "real" (default) when nothing is known. Poisson noise needs
+            "picture" or "magnitude" and refuses "real".
 
     Returns:
         `DeepinvLinearOperator` for a `LinearPhysics` (adjoint; `svd()` when it is a
@@ -187,13 +199,14 @@ def from_deepinv(physics: torch.nn.Module) -> Operator:
     Raises:
         ImportError: deepinv is not installed (`pip install 'dpgkit[deepinv]'`).
         TypeError: `physics` is not a deepinv Physics.
+        ValueError: an unknown `measurement_unit`.
     """
     deepinv = _import_deepinv()
     if not isinstance(physics, deepinv.physics.Physics):
         raise TypeError(f"from_deepinv expects a deepinv.physics.Physics, got {type(physics).__name__}")
     if isinstance(physics, deepinv.physics.LinearPhysics):
-        return DeepinvLinearOperator(physics)
-    return DeepinvOperator(physics)
+        return DeepinvLinearOperator(physics, measurement_unit)
+    return DeepinvOperator(physics, measurement_unit)
 
 
 def _scalar(value: Any, what: str) -> float:

@@ -46,6 +46,7 @@ class EncodedBlur(Operator):
 
     differentiable = True
     task_name = "non-linear deblur"
+    measurement_unit = "picture"  # the blurred image, clamped to [-1, 1]
 
     def __init__(self, network: KernelWizard, codes: Tensor) -> None:
         super().__init__()
@@ -111,6 +112,7 @@ class NonlinearBlur(Operator):
     is_random = True
     differentiable = True
     task_name = "non-linear deblur"
+    measurement_unit = "picture"  # the blurred image, clamped to [-1, 1]
 
     def __init__(self, checkpoint: str | Path | None = None, code_scale: float = 1.2,
                  config: dict[str, Any] | None = None, init_seed: int | None = None,
