@@ -17,18 +17,18 @@ regenerates each chunk in a second pass (memory O(chunk x D)). Both draw the sam
 own generator, one per block of samples: fast on any device); the fused kernels draw `philox_normal`
 in registers, and their tests pass `stream=philox_normal` here to compare on the very same numbers.
 
-The streaming paths allocate their chunk buffers once per call and write into them (`out=`): with
-fresh buffers per chunk, glibc kept the freed ones resident and the CPU's peak resident memory grew
-with N (+48 MB per 1000 samples at two 3 x 64 x 64 images) although no N x D tensor was ever live
-(benchmarks/bench_memory.py measures it flat from N = 256 to 8192).
+The streaming paths allocate their chunk buffers once per call and write into them (`out=`), and
+give freed pages back after each chunk: with fresh buffers per chunk, glibc kept the freed ones
+resident and the CPU's peak resident memory grew with N (two 3 x 64 x 64 images, chunk 256: +207 MiB
+at N = 256, +981 MiB at N = 8192) although no N x D tensor was ever live; now +234 to +283 MiB,
+flat from the third chunk on (benchmarks/bench_memory.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import inspect
-import sys
+import os
 from collections.abc import Callable
 
 import torch
@@ -80,7 +80,7 @@ def torch_normal(seed: int, sample_start: int, num_samples: int, numel: int,
 @functools.cache
 def _malloc_trim():
     """glibc's malloc_trim, or None (another C library or platform)."""
-    if not sys.platform.startswith("linux"):
+    if os.name != "posix" or os.uname().sysname != "Linux":
         return None
     try:
         return ctypes.CDLL(None).malloc_trim
@@ -101,9 +101,9 @@ def _release_freed(device: torch.device) -> None:
 
 
 def _draw(stream: NoiseStream, out: Tensor, seed: int, start: int, n: int, numel: int, device) -> Tensor:
-    """The stream's samples written into the buffer `out` (n, numel); streams without an `out`
-    parameter (custom test streams) are drawn and copied."""
-    if "out" in inspect.signature(stream).parameters:
+    """The stream's samples written into the buffer `out` (n, numel): in place for this package's
+    streams, drawn and copied for others (custom test streams need no `out` parameter)."""
+    if stream is torch_normal or stream is philox_normal:
         return stream(seed, start, n, numel, device, out=out)
     return out.copy_(stream(seed, start, n, numel, device))
 
