@@ -126,8 +126,9 @@ class DPG(Solver):
             g_prev = guide  # the spec keeps the previous *raw* g, not the mixed one
             with torch.no_grad():
                 x_prev = chain.unguided_step(step, i_vec, state.x_t.detach(), guide.x0hat, log_var)
-                beta = chain.schedule.betas[i].to(x_prev)
-                eta = dpg_eta(beta, chain.schedule.alphas_cumprod[i].to(x_prev), i, self.sampler)
+                # in float64 like every schedule coefficient, cast at the end (guided-diffusion)
+                beta, abar = chain.schedule.betas[i].double(), chain.schedule.alphas_cumprod[i].double()
+                eta = dpg_eta(beta, abar, i, self.sampler).to(x_prev)
                 x_next = x_prev - self.scale * eta * g_hat
             x = chain.finish(step, int(t_vec[0]), state.x_t, x_next, guide.x0hat, y, callback, guide.residual)
         return chain.result(x)
