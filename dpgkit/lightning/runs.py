@@ -20,7 +20,9 @@ and scalars replace. Each run is then an ordinary predict run (`Trainer.predict`
 `PredictCLI`), run one after the other in this process: its folder holds recon/, input/, label/,
 metrics.jsonl, summary.json and config.yaml (the merged config), and rerunning the recipe
 resumes every run, skipping finished images. Options on the command line apply to every run
-(`--data.limit 2`, `--model.solver.init_args.steps 50`); `--out_dir DIR` moves the whole sweep;
+(`--data.limit 2`, `--model.solver.init_args.steps 50`), as `dpgkit.lightning.recipe_overrides`
+reads them (`--data.root` drops a list file, `--model.solver NAME` starts from its own defaults);
+`--out_dir DIR` moves the whole sweep;
 `--runs a,b` runs only those entries (and compares only them).
 """
 
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .recipe_overrides import apply_overrides
 
 __all__ = ["COMPARE_KEYS", "expand_runs", "is_multi_run", "merge_config", "read_recipe", "run_recipe"]
 
@@ -156,6 +160,9 @@ def run_recipe(recipe_path: str | Path, args: Sequence[str] = ()) -> list[Path]:
     folders = []
     for k, (name, config) in enumerate(runs, 1):
         print(f"[{k}/{len(runs)}] {name} -> {config['out_dir']}", file=sys.stderr, flush=True)
+        config, notes = apply_overrides(config, args)
+        for note in notes:
+            print(f"dpgkit: {note}", file=sys.stderr, flush=True)
         PredictCLI(args=["predict", "--config", yaml.safe_dump(config, sort_keys=False), *args])
         folders.append(Path(config["out_dir"]))
     compare = recipe.get("compare")

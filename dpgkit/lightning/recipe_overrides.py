@@ -1,0 +1,95 @@
+"""What a command line overriding a recipe means, beyond key-by-key replacement.
+
+jsonargparse lays command-line options over the recipe key by key. Two of its rules contradict
+what a user asks for:
+
+- `--data.root DIR` keeps the recipe's `data.files` (a list file relative to the root), so a
+  folder of one's own photos is read through the recipe's list and is not found. A list file or
+  glob applies only when it is the one asked for: when the command line sets one of data.root,
+  data.files and data.glob, the recipe's others are dropped (the recipe's root stays as the base
+  of a list or glob given on the command line).
+- `--model.solver DPS` on a DPG recipe keeps DPG's `init_args` whose names DPS shares (its guidance
+  scale, tuned for DPG). A class given on the command line starts from its own defaults: the
+  recipe's entry for that key is replaced by the new class alone (operator, noise and solver
+  alike); `--model.solver.init_args.X` options still apply on top.
+
+`apply_overrides` rewrites the recipe (a mapping) before it reaches the parser.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["CLASS_KEYS", "apply_overrides", "option_values"]
+
+# the recipe keys whose value is a class (class_path + init_args) a user may switch
+CLASS_KEYS = ("model.solver", "model.operator", "model.noise")
+DATA_SOURCES = ("data.root", "data.files", "data.glob")
+
+
+def option_values(args: Sequence[str]) -> dict[str, str]:
+    """{key: value} of the `--key value` and `--key=value` options of a command line (the last
+    one of a key wins); flags without a value are left out."""
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            values[key] = value
+        elif arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            values[arg[2:]] = args[i + 1]
+            i += 1
+        i += 1
+    return values
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _same_class(given: str, recipe_class: str) -> bool:
+    # "DPS" and "dpgkit.solvers.DPS" name the same class (jsonargparse resolves short names)
+    return given == recipe_class or given.rsplit(".", 1)[-1] == recipe_class.rsplit(".", 1)[-1]
+
+
+def apply_overrides(config: Mapping[str, Any], args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The recipe `config` as the command line `args` means it, and one note per change made.
+
+    Neither argument is modified. See the module docstring for the two rules.
+    """
+    config = copy.deepcopy(dict(config))
+    given = option_values(args)
+    notes: list[str] = []
+    data = config.get("data")
+    asked = [k for k in DATA_SOURCES if k in given]
+    if asked and isinstance(data, dict):
+        for key in DATA_SOURCES:
+            name = key.split(".", 1)[1]
+            # the recipe's root stays as the base of a list or glob given on the command line
+            if key in asked or key == "data.root" or data.get(name) is None:
+                continue
+            notes.append(f"{' and '.join('--' + k for k in asked)} given: the recipe's {key} ({data[name]}) "
+                         "is not used")
+            data[name] = None
+    for key in CLASS_KEYS:
+        new_class = given.get(key, given.get(f"{key}.class_path"))
+        node = _get(config, key)
+        if new_class is None or not isinstance(node, Mapping) or not node.get("class_path"):
+            continue
+        if _same_class(new_class, str(node["class_path"])):
+            continue
+        parent = _get(config, key.rsplit(".", 1)[0])
+        dropped = sorted((node.get("init_args") or {}).keys())
+        parent[key.rsplit(".", 1)[1]] = {"class_path": new_class}
+        if dropped:
+            notes.append(f"--{key} {new_class} replaces the recipe's {node['class_path']}: its arguments "
+                         f"({', '.join(dropped)}) are not carried over; {new_class} starts from its defaults")
+    return config, notes
