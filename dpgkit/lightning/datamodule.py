@@ -33,6 +33,7 @@ __all__ = [
     "RestorationDataModule",
     "ShardSampler",
     "collate_items",
+    "describe_preprocess",
     "list_items",
     "preprocess_image",
 ]
@@ -57,11 +58,13 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _scan_folder(root: Path) -> list[Path]:
+def _scan_folder(root: Path, skipped: list[Path] | None = None) -> list[Path]:
     found = []
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints, temp folders
         found += [Path(folder) / f for f in files if _is_image(Path(f))]
+        if skipped is not None:
+            skipped += [Path(folder) / f for f in files if not f.startswith(".") and not _is_image(Path(f))]
     return found
 
 
@@ -93,12 +96,14 @@ def _names(paths: Sequence[Path], base: Path) -> list[str]:
 
 
 def list_items(root: str | Path | None = None, files: str | Path | None = None,
-               glob: str | None = None) -> list[Item]:
+               glob: str | None = None, skipped: list[Path] | None = None) -> list[Item]:
     """The items of a folder (recursive), a list file (paths relative to `root`, default the list's
     folder) or a glob (relative to `root` if given), indexed 0.. in a stable order.
 
     A folder or glob is sorted by relative path; a list keeps its own order (its line order is
-    the item index, so a published 1k subset seeds the same way everywhere).
+    the item index, so a published 1k subset seeds the same way everywhere). Files of a folder or
+    glob whose extension is not one of `IMAGE_EXTENSIONS` (.gif, .txt, ...) are not items; when
+    `skipped` is a list, they are appended to it (sorted) so that the run can list them.
     """
     root = resolve_path(root) if root is not None else None
     files = resolve_path(files) if files is not None else None
@@ -121,7 +126,10 @@ def list_items(root: str | Path | None = None, files: str | Path | None = None,
             )
     elif glob is not None:
         pattern = str(Path(root) / glob) if root is not None else glob
-        paths = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if _is_image(Path(p)))
+        matched = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
+        paths = [p for p in matched if _is_image(p)]
+        if skipped is not None:
+            skipped += [p for p in matched if not _is_image(p) and not p.name.startswith(".")]
         base = Path(root) if root is not None else Path(_glob_base(glob))
         if not paths:
             raise FileNotFoundError(f"no images match {pattern} (extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -129,7 +137,10 @@ def list_items(root: str | Path | None = None, files: str | Path | None = None,
         base = Path(root)
         if not base.is_dir():
             raise FileNotFoundError(f"image folder not found: {base}")
-        paths = sorted(_scan_folder(base), key=lambda p: p.relative_to(base).as_posix())
+        others: list[Path] = []
+        paths = sorted(_scan_folder(base, others), key=lambda p: p.relative_to(base).as_posix())
+        if skipped is not None:
+            skipped += sorted(others)
         if not paths:
             raise FileNotFoundError(f"no images in {base} (extensions {', '.join(IMAGE_EXTENSIONS)})")
     names = _names(paths, base)
@@ -172,6 +183,25 @@ def preprocess_image(x: Tensor, size: int | None, how: str, min_size: int = 0,
     return x[:, top : top + size, left : left + size].contiguous()
 
 
+def describe_preprocess(h: int, w: int, size: int | None, how: str, measured: bool = False) -> str | None:
+    """What `preprocess_image` does to an h x w file, in words (None when it keeps it as it is).
+
+    In measured mode the file is the measurement: a resize there changes what was measured, so the
+    note says so plainly."""
+    if size is None or how == "none" or (h, w) == (size, size):
+        return None
+    what = "the measurement" if measured else "the image"
+    if how == "resize_center_crop" and min(h, w) != size:
+        scale = size / min(h, w)
+        new = (max(size, round(h * scale)), max(size, round(w * scale)))
+        verb = "shrank" if scale < 1 else "enlarged"
+        text = f"{verb} {what} from {h}x{w} to {new[0]}x{new[1]} (bicubic, data.image_size {size})"
+        if new != (size, size):
+            text += f" and cropped its centre to {size}x{size}"
+        return text + " (data.preprocess resize_center_crop)"
+    return f"cropped the centre of {what}: {h}x{w} to {size}x{size} (data.preprocess {how})"
+
+
 def _find_mask(mask_root: Path, name: str) -> Path | None:
     for ext in IMAGE_EXTENSIONS:
         for candidate in (mask_root / f"{name}{ext}", mask_root / f"{name}{ext.upper()}"):
@@ -181,15 +211,23 @@ def _find_mask(mask_root: Path, name: str) -> Path | None:
 
 
 class ImageItems(Dataset):
-    """Loads items: dicts with index, name, path, notes and either the image or the error."""
+    """Loads items: dicts with index, name, path, notes, original_size (H, W of the file) and either
+    the image or the error.
+
+    `expected_shape` (C, H, W), when given, is the shape every item must have after preprocessing
+    (the prior's images, or the measurement the operator makes of them); an item of another size
+    is a bad item with the reason, never a failed batch.
+    """
 
     def __init__(self, items: Sequence[Item], mode: str = "simulate", image_size: int | None = 256,
                  preprocess: str = "resize_center_crop", channels: int = 3, alpha: str = "skip",
-                 min_size: int = 0, mask_root: str | Path | None = None) -> None:
+                 min_size: int = 0, mask_root: str | Path | None = None,
+                 expected_shape: Sequence[int] | None = None) -> None:
         self.items = list(items)
         self.mode, self.image_size, self.preprocess = mode, image_size, preprocess
         self.channels, self.alpha, self.min_size = channels, alpha, min_size
         self.mask_root = resolve_path(mask_root) if mask_root is not None else None
+        self.expected_shape = tuple(expected_shape) if expected_shape is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -197,14 +235,25 @@ class ImageItems(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         out: dict[str, Any] = {"index": item.index, "name": item.name, "path": str(item.path),
-                               "notes": [], "error": None}
+                               "notes": [], "original_size": None, "error": None}
         key = "x" if self.mode == "simulate" else "y"
         try:
             if not item.path.is_file():
                 raise ImageError("file not found")
             image, notes = load_image(item.path, self.channels, self.alpha)
             out["notes"] = notes
+            h, w = image.shape[-2:]
+            out["original_size"] = [int(h), int(w)]
             out[key] = preprocess_image(image, self.image_size, self.preprocess, self.min_size)
+            transform = describe_preprocess(h, w, self.image_size, self.preprocess, self.mode == "measured")
+            if transform is not None:
+                notes.append(transform)
+            if self.expected_shape is not None and tuple(out[key].shape[-2:]) != self.expected_shape[-2:]:
+                eh, ew = self.expected_shape[-2:]
+                fh, fw = out[key].shape[-2:]
+                hint = (f"bring the file to that size, or set data.image_size {eh}" if self.image_size is None
+                        else f"set data.image_size {eh}")
+                raise ImageError(f"expected {eh}x{ew}, found {fh}x{fw} ({hint})")
             if self.mask_root is not None:
                 mask_path = _find_mask(self.mask_root, item.name)
                 if mask_path is None:
@@ -232,7 +281,12 @@ def collate_items(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack the good items; bad ones (and any whose size differs from the batch's) go to "bad"."""
     good = [s for s in samples if s["error"] is None]
     bad = [{k: s[k] for k in ("index", "name", "path", "error")} for s in samples if s["error"] is not None]
+    # the most common shape forms the batch, so one odd file never turns the others away
     key = "x" if good and "x" in good[0] else "y"
+    if good:
+        shapes = [tuple(s[key].shape) for s in good]
+        common = max(shapes, key=lambda sh: (shapes.count(sh), -shapes.index(sh)))
+        good = sorted(good, key=lambda s: tuple(s[key].shape) != common)
     if good:
         shape = good[0][key].shape
         for s in good[1:]:
@@ -246,6 +300,7 @@ def collate_items(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "name": [s["name"] for s in good],
         "path": [s["path"] for s in good],
         "notes": [s["notes"] for s in good],
+        "original_size": [s.get("original_size") for s in good],
         "bad": bad,
     }
     if good:
@@ -298,7 +353,9 @@ class RestorationDataModule(pl.LightningDataModule):
             "measured" (files are the degraded measurements y; no ground truth, no metrics).
         image_size: the side the files are brought to: the prior's image size in simulate mode,
             the measurement's size in measured mode (e.g. 64 for x4 super-resolution at 256).
-            None: use the files as they are (measured mode; they must all have one size per batch).
+            None: use the files as they are (measured mode): each must have the size the operator
+            makes of the prior's images (e.g. 64x64 for x4 super-resolution at 256); a file of
+            another size is listed as a bad item.
         preprocess: "resize_center_crop" (the paper), "center_crop" or "none".
         channels: 3 (RGB) or 1; other files are converted (noted in metrics.jsonl).
         alpha: what to do with transparent pixels: "skip" the file (reported), or composite over
@@ -349,17 +406,25 @@ class RestorationDataModule(pl.LightningDataModule):
         self.channels, self.alpha, self.min_size, self.mask_root = channels, alpha, min_size, mask_root
         self.limit, self.batch_size, self.num_workers, self.resume = limit, batch_size, num_workers, resume
         self.items: list[Item] = []
+        self.skipped: list[Path] = []
+        # set by the module once it knows the prior and operator: the shape every item must have
+        self.expected_shape: tuple[int, ...] | None = None
         self.todo: list[Item] = []
         self.num_done = 0
         self.num_on_rank = 0
 
     def setup(self, stage: str | None = None) -> None:
         """List the items, and drop those the writer already has (before any restoring)."""
-        items = list_items(self.root, self.files, self.glob)
+        skipped: list[Path] = []
+        items = list_items(self.root, self.files, self.glob, skipped=skipped)
+        self.skipped = skipped
         if self.limit is not None:
             items = items[: self.limit]
         self.items = items
         writer = self._writer()
+        if writer is not None and self.trainer is not None:
+            # the folder's lock, and the check that its finished items were made with these settings
+            writer.prepare(self.trainer, items)
         if self.resume and writer is not None:
             # every rank lists the same folder before Lightning's post-setup barrier, and no rank
             # writes before it, so all ranks agree on the remaining items and their shards
@@ -367,6 +432,12 @@ class RestorationDataModule(pl.LightningDataModule):
         else:
             self.todo = list(items)
         self.num_done = len(items) - len(self.todo)
+
+    def pixel_settings(self) -> dict[str, Any]:
+        """The data settings that determine each item's pixels (see `PredictionWriter`)."""
+        return {"mode": self.mode, "image_size": self.image_size, "preprocess": self.preprocess,
+                "channels": self.channels, "alpha": self.alpha,
+                "mask_root": str(self.mask_root) if self.mask_root is not None else None}
 
     def _writer(self):
         from .writer import PredictionWriter
@@ -378,7 +449,7 @@ class RestorationDataModule(pl.LightningDataModule):
 
     def dataset(self) -> ImageItems:
         return ImageItems(self.todo, self.mode, self.image_size, self.preprocess, self.channels,
-                          self.alpha, self.min_size, self.mask_root)
+                          self.alpha, self.min_size, self.mask_root, self.expected_shape)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.items:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import metrics
-from ..io import quantize
+from ..io import ImageError, quantize
 from ..models.base import DiffusionModel
 from ..noise import Gaussian, NoiseModel
 from ..operators.base import Operator
@@ -252,6 +252,12 @@ class RestorationModule(pl.LightningModule):
                              f"images: set data.channels {c}")
         if mode == "measured":
             self._check_measured_operator(getattr(datamodule, "mask_root", None) is not None)
+        if datamodule is not None and hasattr(datamodule, "expected_shape"):
+            # the data module then lists an item of another size as bad, before any batch is formed
+            if mode == "simulate" or getattr(datamodule, "mask_root", None) is not None:
+                datamodule.expected_shape = tuple(self.prior.image_shape)
+            else:
+                datamodule.expected_shape = self._expected_y
 
     def _check_measured_operator(self, has_masks: bool) -> None:
         template = self.task.operator
@@ -290,7 +296,7 @@ class RestorationModule(pl.LightningModule):
 
             return self.task.with_operator(Inpainting(batch["mask"].to(y.device, y.dtype)))
         if self._expected_y is not None and tuple(y.shape[1:]) != self._expected_y:
-            raise ValueError(
+            raise ImageError(
                 f"measured images are {tuple(y.shape[1:])}, but {self.task.operator!r} on the prior's "
                 f"{self.prior.image_shape} images gives {self._expected_y}: set data.image_size {self._expected_y[-1]}"
             )
@@ -300,7 +306,8 @@ class RestorationModule(pl.LightningModule):
         """Restore the good items of a batch from the data module; see `predict_step`."""
         names, bad = list(batch["name"]), list(batch.get("bad", []))
         out: dict[str, Any] = {"name": names, "index": [], "path": list(batch.get("path", [])),
-                               "notes": list(batch.get("notes", [[] for _ in names])), "bad": bad}
+                               "notes": list(batch.get("notes", [[] for _ in names])), "bad": bad,
+                               "original_size": list(batch.get("original_size", [None for _ in names]))}
         if not names:
             return out
         self.build_prior()
@@ -357,8 +364,30 @@ class RestorationModule(pl.LightningModule):
         Returns a dict: name, index, path, notes (per item), recon (B, C, H, W), input (y as a
         picture), label (x or None), mask (or None), metrics (one dict per item), bad (items the
         loader could not use).
+
+        A batch that fails (a measurement of the wrong shape, an error in the operator or the
+        solver) is not the end of the run: its items come back as bad items with the reason, and
+        the run goes on with the next batch (Ctrl-C and out-of-memory on the host still stop it).
         """
-        return self.restore(batch)
+        try:
+            return self.restore(batch)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # one item's failure must not end a long run: list it and go on
+            reason = str(err) if isinstance(err, ImageError) else f"{type(err).__name__}: {err}"
+            names, paths = list(batch["name"]), list(batch.get("path", []))
+            failed = [{"index": int(i), "name": n, "path": paths[k] if k < len(paths) else n, "error": reason}
+                      for k, (i, n) in enumerate(zip(batch["index"], names))]
+            return {"name": [], "index": [], "path": [], "notes": [], "original_size": [],
+                    "bad": list(batch.get("bad", [])) + failed}
+
+    def pixel_settings(self) -> dict[str, Any]:
+        """The module's settings that determine each item's pixels (the writer records them with
+        each item, and refuses to mix items made with other settings in one folder)."""
+        prior = repr(self.prior) + (f" dtype={self.prior.dtype}" if getattr(self.prior, "dtype", None) else "")
+        return {"prior": prior, "operator": repr(self.task.operator), "noise": repr(self.task.noise),
+                "noisy_unobserved": bool(self.task.noisy_unobserved), "solver": repr(self.solver),
+                "seed": self.seed}
 
     def describe(self) -> dict[str, str]:
         """What ran, for the summary."""
