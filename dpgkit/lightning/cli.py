@@ -42,12 +42,13 @@ from ..io import ImageError
 from .datamodule import RestorationDataModule
 from .module import RestorationModule
 from .recipe_overrides import CLASS_KEYS, apply_overrides
-from .writer import ImageProgressBar, PredictionWriter
+from .writer import FolderInUseError, ImageProgressBar, PredictionWriter
 
 __all__ = ["SMALL_IMAGE_PIXELS", "Interrupted", "PredictCLI", "UserError", "cpu_threads", "main"]
 
 # the errors a user's input causes (a recipe, an option, a path, a file): one line, no traceback
-USER_ERRORS = (argparse.ArgumentError, ValueError, FileNotFoundError, NotADirectoryError, KeyError, ImageError)
+USER_ERRORS = (argparse.ArgumentError, ValueError, FileNotFoundError, NotADirectoryError, KeyError, ImageError,
+               FolderInUseError)
 DEBUG_ENV = "DPGKIT_DEBUG"
 
 HELP_HEADER = """usage: dpgkit predict RECIPE.yaml [--out_dir DIR] [--KEY VALUE ...]
@@ -106,6 +107,8 @@ def quiet_lightning() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            # a resumed run with nothing left to do is not a mistake
+            warnings.filterwarnings("ignore", message="Total length of `DataLoader` across ranks is zero")
             yield
     finally:
         logger.removeFilter(_TIPS_FILTER)

@@ -8,6 +8,7 @@ index i draws its operator (mask, kernel), its measurement noise and every solve
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -385,6 +386,8 @@ class RestorationModule(pl.LightningModule):
         """The module's settings that determine each item's pixels (the writer records them with
         each item, and refuses to mix items made with other settings in one folder)."""
         prior = repr(self.prior) + (f" dtype={self.prior.dtype}" if getattr(self.prior, "dtype", None) else "")
+        if isinstance(getattr(self.prior, "preset", None), dict):  # a UNet config: its repr does not show it
+            prior += " " + json.dumps(self.prior.preset, sort_keys=True)
         return {"prior": prior, "operator": repr(self.task.operator), "noise": repr(self.task.noise),
                 "noisy_unobserved": bool(self.task.noisy_unobserved), "solver": repr(self.solver),
                 "seed": self.seed}

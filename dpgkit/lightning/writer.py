@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 from ..io import read_json, save_png, write_json, write_text
 
-__all__ = ["ImageProgressBar", "PredictionWriter", "RunLock", "format_summary", "settings_hash"]
+__all__ = ["ImageProgressBar", "PredictionWriter", "FolderInUseError", "RunLock", "format_summary", "settings_hash"]
 
 ON_CHANGE = ("refuse", "recompute")
 
@@ -105,6 +105,10 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class FolderInUseError(FileExistsError):
+    """Another live run holds the run folder's lock."""
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -119,8 +123,8 @@ class RunLock:
     """`FOLDER/.lock`, created exclusively (O_EXCL) with the pid and host of its run.
 
     A lock left by a process that is gone (same host, pid not alive, or this very process after
-    an earlier run in it failed) is stale and taken over; any other raises RuntimeError naming the
-    run that holds it.
+    an earlier run in it failed) is stale and taken over; any other raises `FolderInUseError`
+    naming the run that holds it.
     """
 
     _held: set[str] = set()  # the locks this process holds now
@@ -141,7 +145,7 @@ class RunLock:
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
                     continue
-                raise RuntimeError(
+                raise FolderInUseError(
                     f"another run (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}) is "
                     f"writing to {self.path.parent}: wait for it or use another --out_dir (if no such run is alive, "
                     f"remove {self.path})"
