@@ -143,6 +143,28 @@ def test_root_on_the_command_line_restores_that_folder(photos, tmp_path):
     assert sorted(p.stem for p in (out / "recon").iterdir()) == ["p0", "p1", "p2"]
 
 
+def test_root_keeps_the_recipe_list_when_it_names_files_there(tmp_path):
+    # the paper's recipes: `--data.root /data/imagenet/val` is the base of the shipped 1k list
+    val = tmp_path / "val"
+    listed = resolve_path("pkg://dpgkit/data/imagenet_val_1k.txt")
+    first = next(ln for ln in listed.read_text().splitlines() if ln and not ln.startswith("#")).split()[0]
+    _png(val / first, 8, 8)
+    _png(val / "not_in_the_list.JPEG", 8, 8)
+    recipe = {"data": {"root": "data/imagenet/val", "files": "pkg://dpgkit/data/imagenet_val_1k.txt"}}
+    config, notes = apply_overrides(recipe, ["--data.root", str(val)])
+    assert config == recipe and "applies under --data.root" in notes[0]
+    # a folder of one's own photos: none of the listed names, so the folder is read
+    own = tmp_path / "own"
+    _png(own / "shot.png", 8, 8)
+    config, notes = apply_overrides(recipe, ["--data.root", str(own)])
+    assert config["data"]["files"] is None and "it names no file there" in notes[0]
+    # a recipe glob matching nothing in the new root is dropped too; one that matches is kept
+    globbed = {"data": {"root": "x", "glob": "**/*.webp"}}
+    assert apply_overrides(globbed, ["--data.root", str(own)])[0]["data"]["glob"] is None
+    globbed = {"data": {"root": "x", "glob": "*.png"}}
+    assert apply_overrides(globbed, ["--data.root", str(own)])[0] == globbed
+
+
 def test_overrides_keep_what_the_command_line_does_not_replace():
     recipe = {"data": {"root": "val", "files": "list.txt", "glob": None},
               "model": {"solver": {"class_path": "dpgkit.solvers.DPG", "init_args": {"scale": 160}}}}
@@ -388,6 +410,7 @@ def test_user_errors_print_one_line(photos, tmp_path, capsys, args, expected):
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("dpgkit predict: error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "o" / ".lock").exists()  # a failed set-up leaves the folder free
 
 
 def test_missing_recipe_and_debug_switch(tmp_path, capsys, monkeypatch, photos):

@@ -342,10 +342,10 @@ def _with_overrides(args: list[str]) -> list[str]:
         return args
     recipe = read_recipe(args[k + 1])
     config, notes = apply_overrides(recipe, args[k + 2 :])
-    if config == recipe:
-        return args
     for note in notes:
         print(f"dpgkit: {note}", file=sys.stderr, flush=True)
+    if config == recipe:
+        return args
     return [*args[: k + 1], yaml.safe_dump(config, sort_keys=False), *args[k + 2 :]]
 
 
