@@ -482,3 +482,22 @@ def test_predict_help_leads_with_dpgkit_options(capsys):
     for key in ("--out_dir", "--data.root", "--data.mode", "--data.image_size", "--model.prior.checkpoint",
                 "--model.solver", "--trainer.devices", "--writer.on_change"):
         assert re.search(rf"^\s+{re.escape(key)}\b", head, re.MULTILINE), key
+
+
+def test_a_locked_folder_stops_every_rank_of_a_ddp_run(photos, tmp_path):
+    # rank 0 finds the lock held; the other rank must stop too, not wait for it at a barrier
+    _, recipe = photos
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename, "since": "now"}))
+        proc = subprocess.run(
+            [sys.executable, "-m", "dpgkit.lightning.cli", "predict", str(recipe), "--out_dir", str(out),
+             "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        other.kill()
+        other.wait()
+    assert proc.returncode != 0 and f"another run (pid {other.pid}" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "recon").exists()

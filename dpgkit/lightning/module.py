@@ -8,6 +8,7 @@ index i draws its operator (mask, kernel), its measurement noise and every solve
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Mapping
@@ -389,7 +390,7 @@ class RestorationModule(pl.LightningModule):
         if isinstance(getattr(self.prior, "preset", None), dict):  # a UNet config: its repr does not show it
             prior += " " + json.dumps(self.prior.preset, sort_keys=True)
         return {"prior": prior, "operator": repr(self.task.operator), "noise": repr(self.task.noise),
-                "noisy_unobserved": bool(self.task.noisy_unobserved), "solver": repr(self.solver),
+                "noisy_unobserved": bool(self.task.noisy_unobserved), "solver": _solver_arguments(self.solver),
                 "seed": self.seed}
 
     def describe(self) -> dict[str, str]:
@@ -397,6 +398,23 @@ class RestorationModule(pl.LightningModule):
         return {**self.labels, "prior": repr(self.prior), "operator": repr(self.task.operator),
                 "noise": repr(self.task.noise), "solver": repr(self.solver), "seed": str(self.seed),
                 "lpips": self.lpips_status, "threads": str(torch.get_num_threads())}
+
+
+# solver arguments that choose how the same numbers are computed (the eager, chunked and fused
+# paths draw the same Monte Carlo samples), not which pixels come out
+_HOW_NOT_WHAT = ("backend", "chunk_size")
+
+
+def _solver_arguments(solver: Solver) -> str:
+    """The solver's repr, completed with the constructor arguments it leaves out (e.g. DPS's clip)."""
+    text = repr(solver)
+    try:
+        names = [p for p in inspect.signature(type(solver)).parameters if p not in ("self", "args", "kwargs")]
+    except (TypeError, ValueError):
+        return text
+    extra = [f"{n}={getattr(solver, n)!r}" for n in names
+             if n not in _HOW_NOT_WHAT and f"{n}=" not in text and hasattr(solver, n)]
+    return f"{text} [{', '.join(extra)}]" if extra else text
 
 
 def _is_inpainting(operator: Operator) -> bool:

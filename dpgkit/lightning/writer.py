@@ -237,8 +237,16 @@ class PredictionWriter(BasePredictionWriter):
             if callable(describe):
                 settings.update(describe())
         self.settings = {**settings, "hash": settings_hash(settings)} if settings else None
+        refused = None
         if trainer.global_rank == 0 and not self.lock.held:
-            self.lock.acquire()
+            try:
+                self.lock.acquire()
+            except FolderInUseError as err:
+                refused = str(err)
+        if trainer.world_size > 1:  # every rank stops, not only the one that holds the lock
+            refused = trainer.strategy.broadcast(refused, src=0)
+        if refused is not None:
+            raise FolderInUseError(refused)
         self.stale = set()
         if self.settings is None:
             return
