@@ -413,6 +413,22 @@ def test_user_errors_print_one_line(photos, tmp_path, capsys, args, expected):
     assert not (tmp_path / "o" / ".lock").exists()  # a failed set-up leaves the folder free
 
 
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("  root:", "  rooot:", "does not accept option 'data.rooot'; did you mean 'data.root'?"),
+    ("dpgkit.solvers.DPG", "dpgkit.solvers.DPQ", "has no attribute 'DPQ'; did you mean 'DPS'?"),
+    ("{scale: 5.0", "{scal: 5.0", "Option 'scal' is not accepted; did you mean 'scale'?"),
+    ("seed: 7", "seed: [7", "found invalid YAML at line"),
+])
+def test_recipe_mistakes_print_one_line(photos, tmp_path, capsys, old, new, expected):
+    _, recipe = photos
+    text = recipe.read_text()
+    assert old in text
+    recipe.write_text(text.replace(old, new))
+    code, _ = _run(str(recipe), "--out_dir", str(tmp_path / "o"))
+    lines = _error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
 def test_missing_recipe_and_debug_switch(tmp_path, capsys, monkeypatch, photos):
     assert main(["predict", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err

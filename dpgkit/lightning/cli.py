@@ -178,6 +178,11 @@ def one_line(err: BaseException, parser: argparse.ArgumentParser | None = None) 
     if unknown and parser is not None:
         close = difflib.get_close_matches(unknown.group(1), _option_names(parser), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
+    in_recipe = re.search(r"does not accept option '([\w.]+)'", message)
+    if in_recipe and parser is not None:  # a key of the recipe file
+        keys = [o[2:] for o in _option_names(parser)]
+        close = difflib.get_close_matches(in_recipe.group(1), keys, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
     key = re.search(r'Parser key "(model\.(?:solver|operator|noise))"', message)
     if key and not option:
         given = (re.search(r"string: '?([\w.]+)", message)

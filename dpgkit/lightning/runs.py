@@ -45,9 +45,16 @@ COMPARE_KEYS = ("out", "table", "json", "zoom", "max_images")
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The recipe file as a mapping; raises ValueError when it is not one."""
+    """The recipe file as a mapping; raises ValueError when it is not one (or not YAML)."""
     with open(path) as f:
-        recipe = yaml.safe_load(f)
+        try:
+            recipe = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path}: expected a YAML mapping of config keys, found invalid YAML{where}: "
+                             f"{problem}") from err
     if recipe is None:
         return {}
     if not isinstance(recipe, dict):
