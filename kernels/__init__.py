@@ -1,5 +1,9 @@
 """Guidance kernels (installed as `dpgkit.kernels`): the DPG direction, eager, chunked and fused.
 
+Estimators: "published" (the paper's, `kernels.reference` and `kernels.triton_dpg`) and
+"rao-blackwell" (its Rao-Blackwellization over the operator's row space, `kernels.rao_blackwell`
+and `kernels.triton_rb`: the same expectation, less variance, N x m normals instead of N x D).
+
 Backends: "eager" (the readable reference, N x D in memory), "chunked" (the same numbers in
 O(chunk x D) memory), "triton" (fused kernels, `kernels.triton_dpg`, for the operators listed in
 `kernels.fusion`), "auto" (triton on CUDA when the problem is fused, chunked otherwise). A problem
@@ -18,11 +22,13 @@ from torch import Tensor
 
 from .fusion import GatherPlan, apply_plan, energy_kind, plan_for
 from .philox import philox_normal
+from .rao_blackwell import DIAGONAL_KINDS, rb_direction_eager, rb_direction_streamed, row_space_of
 from .reference import dpg_direction_batched, dpg_direction_chunked, dpg_direction_eager
 
-__all__ = ["dpg_direction", "fused_plan", "self_check", "philox_normal", "BACKENDS"]
+__all__ = ["dpg_direction", "fused_plan", "self_check", "philox_normal", "BACKENDS", "ESTIMATORS"]
 
 BACKENDS = ("auto", "eager", "chunked", "triton")
+ESTIMATORS = ("published", "rao-blackwell")
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -120,17 +126,25 @@ def self_check(module, x0hat: Tensor, y: Tensor, operator, noise, plan: GatherPl
 def dpg_direction(
     x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
     num_samples: int, seeds: Sequence[int], backend: str = "auto", chunk_size: int = 256,
+    estimator: str = "published",
 ) -> tuple[Tensor, Tensor]:
     """The DPG direction for a batch: x0hat (B, C, H, W), y (B, ...), r, z, z_raw (B,).
 
     Item b draws its noise from seeds[b] and uses operator.item(b). Returns (v_unit (B, C, H, W),
     m (B,) float64) with the published v = exp(m) v_unit (see kernels.reference).
+    estimator "rao-blackwell": see `kernels.rao_blackwell`; an item whose operator has no row
+    space (not linear, a black box, no description) gets the published estimator, logged once.
+    Raises ValueError for an unknown backend or estimator, or a seed count other than B.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown guidance backend {backend!r}: expected one of {BACKENDS}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown DPG estimator {estimator!r}: expected one of {ESTIMATORS}")
     batch = x0hat.shape[0]
     if len(seeds) != batch:
         raise ValueError(f"expected one seed per item ({batch}), got {len(seeds)}")
+    if estimator == "rao-blackwell":
+        return _rb_direction(x0hat, y, operator, noise, r, z, z_raw, num_samples, seeds, backend, chunk_size)
     out: dict[int, tuple[Tensor, Tensor]] = {}
     for b in range(batch) if backend in ("auto", "triton") else ():
         op = operator.item(b)
@@ -154,3 +168,51 @@ def dpg_direction(
         else:
             out[b] = dpg_direction_chunked(*args, chunk_size=chunk_size)
     return torch.stack([out[b][0] for b in range(batch)]), torch.stack([out[b][1] for b in range(batch)])
+
+
+def _rb_fused(x0hat: Tensor, space, noise, backend: str):
+    """The fused Rao-Blackwellized module for this item, or None (after logging why, once)."""
+    module = _triton()
+    if backend == "auto" and (x0hat.device.type != "cuda" or isinstance(module, str) or module.INTERPRETED):
+        return None
+    why = None
+    if space.kind not in DIAGONAL_KINDS:
+        why = f"row space {space.kind!r} is not fused (only {DIAGONAL_KINDS})"
+    elif energy_kind(noise) is None:
+        why = f"noise model {noise!r} has no fused energy (squared L2 or L1)"
+    elif isinstance(module, str):
+        why = module
+    else:
+        why = module.usable_on(x0hat.device)
+    if why is not None:
+        _log_once(f"Rao-Blackwellized DPG guidance with {type(noise).__name__} noise: backend {backend!r} "
+                  f"falls back to 'chunked' ({why})")
+        return None
+    from . import triton_rb
+
+    return triton_rb
+
+
+def _rb_direction(x0hat, y, operator, noise, r, z, z_raw, num_samples, seeds, backend, chunk_size):
+    out: list[tuple[Tensor, Tensor]] = []
+    for b in range(x0hat.shape[0]):
+        op = operator.item(b)
+        space = row_space_of(op, x0hat[b])
+        if isinstance(space, str) or space.kind == "identity":
+            if isinstance(space, str):
+                _log_once(f"Rao-Blackwellized DPG: {space}; the published estimator is used for it")
+            # V = I: the Rao-Blackwellized estimator is the published one, numbers included
+            v, m = dpg_direction(x0hat[b : b + 1], y[b : b + 1], op, noise, r[b : b + 1], z[b : b + 1],
+                                 z_raw[b : b + 1], num_samples, [seeds[b]], backend, chunk_size)
+            out.append((v[0], m[0]))
+            continue
+        args = (x0hat[b], y[b], op, noise, r[b], z[b], z_raw[b], num_samples, seeds[b])
+        fused = _rb_fused(x0hat[b], space, noise, backend) if backend in ("auto", "triton") else None
+        if backend == "eager":
+            out.append(rb_direction_eager(*args, space=space))
+        elif fused is not None:
+            out.append(fused.rb_direction_fused(x0hat[b], y[b], op, space, noise, r[b], z[b], z_raw[b],
+                                                num_samples, seeds[b]))
+        else:
+            out.append(rb_direction_streamed(*args, space=space, chunk_size=chunk_size))
+    return torch.stack([v for v, _ in out]), torch.stack([m for _, m in out])

@@ -8,12 +8,13 @@ gives item b's operator, which applies to any number of images at once (the Mont
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox", "MEASUREMENT_UNITS"]
+__all__ = ["Operator", "LinearOperator", "SVDView", "BlackBox", "MEASUREMENT_UNITS", "basis_row_space"]
 
 # What y = A(x) holds when x is an image on the [-1, 1] scale; noise models read it (see
 # `Operator.measurement_unit` and `dpgkit.noise.NoiseModel.check`).
@@ -67,6 +68,25 @@ class Operator(nn.Module):
         """
         return None
 
+    def row_space(self, image_shape: Sequence[int]) -> dict | None:
+        """The row space of this item-level operator as plain data, or None (not linear, or no
+        cheap description): what the Rao-Blackwellized DPG estimator (`dpgkit.kernels.rao_blackwell`)
+        draws its noise in. A dict with a "kind" and tensors, V (D x m) having orthonormal columns
+        that span the row space of A on images `image_shape` (C, H, W), D = C*H*W:
+
+        - {"kind": "identity"}: V = I (m = D);
+        - {"kind": "select", "index": (m,) int64, "weight": (m,)}: V's columns are the unit vectors
+          at the flattened positions `index`; A is diagonal with y laid out as x, so
+          (A V a) = weight * a at the same positions of y and 0 elsewhere (masks);
+        - {"kind": "avgpool", "factor": f}: column (c, i, j) is 1/f on the f x f block (c, i, j),
+          A V a = a / f in y's layout (C, H/f, W/f);
+        - {"kind": "channel_mean", "channels": C}: column p is 1/sqrt(C) at pixel p of every
+          channel, A V a = a / sqrt(C) in y's layout (1, H, W);
+        - {"kind": "basis", "rank": m, "v": (n, m) -> (n, D), "vt": (n, D) -> (n, m)}: V and V^T
+          as functions (from an SVD view, restricted to its nonzero singular values).
+        """
+        return None
+
 
 class LinearOperator(Operator):
     """A linear A with its adjoint A^T; `svd()` where SVD-based methods (DDRM, DDNM) need it."""
@@ -83,6 +103,16 @@ class LinearOperator(Operator):
             f"{type(self).__name__} has no SVD view; DDRM and DDNM need one "
             "(inpainting, average-pool super-resolution, colorization, denoising and blur have it)"
         )
+
+    def row_space(self, image_shape: Sequence[int]) -> dict | None:
+        """From the SVD view (see `Operator.row_space`): V restricted to the singular values above
+        1e-6 of the largest; None when there is no SVD view. Subclasses with a cheaper exact form
+        (masks, average pooling, channel means) override it."""
+        try:
+            view = self.svd(image_shape)
+        except NotImplementedError:
+            return None
+        return basis_row_space(view, math.prod(int(s) for s in image_shape))
 
 
 class SVDView:
@@ -112,6 +142,31 @@ class SVDView:
         s = self.singulars()
         z = self.vt(x)[:, : s.shape[-1]] * s
         return self.u(z)
+
+
+def basis_row_space(view: SVDView, dim: int, rtol: float = 1e-6) -> dict:
+    """{"kind": "basis", ...} (see `Operator.row_space`) from an item-level SVD view on D = `dim`.
+
+    The view's coordinates are ordered by singular value, descending, so the row space is the span
+    of its first `rank` columns of V, rank = #{s > rtol * max s}. A view holding several items'
+    singulars (B, R) has no single row space: take the item's operator first (`item(b)`).
+    """
+    s = view.singulars()
+    if s.dim() != 1:
+        raise ValueError(f"a row space is per item: the SVD view holds singulars {tuple(s.shape)}; "
+                         "call item(b) on the operator first")
+    top = float(s.abs().max()) if s.numel() else 0.0
+    rank = int((s.abs() > rtol * top).sum()) if top > 0 else 0
+    if rank == dim:
+        return {"kind": "identity"}
+
+    def v(a: Tensor) -> Tensor:
+        return view.v(a)
+
+    def vt(x: Tensor) -> Tensor:
+        return view.vt(x)[:, :rank]
+
+    return {"kind": "basis", "rank": rank, "v": v, "vt": vt}
 
 
 class BlackBox(Operator):

@@ -42,6 +42,11 @@ class Colorization(LinearOperator):
     def gather_form(self, image_shape: Sequence[int]) -> tuple:
         return ("channel_mean",)
 
+    def row_space(self, image_shape: Sequence[int]) -> dict:
+        """{"kind": "channel_mean"} (see `Operator.row_space`): one direction per pixel."""
+        c, _, _ = image_shape3(image_shape, "Colorization.row_space")
+        return {"kind": "channel_mean", "channels": c}
+
     def svd(self, image_shape: Sequence[int] | None = None) -> ChannelMeanSVD:
         c, h, w = image_shape3(image_shape, "Colorization.svd")
         return ChannelMeanSVD(c, h * w, self._anchor)

@@ -40,5 +40,10 @@ class Denoising(LinearOperator):
     def gather_form(self, image_shape: Sequence[int]) -> tuple:
         return ("identity",)
 
+    def row_space(self, image_shape: Sequence[int]) -> dict:
+        """{"kind": "identity"} (see `Operator.row_space`): A = I."""
+        image_shape3(image_shape, "Denoising.row_space")
+        return {"kind": "identity"}
+
     def svd(self, image_shape: Sequence[int] | None = None) -> IdentitySVD:
         return IdentitySVD(math.prod(image_shape3(image_shape, "Denoising.svd")), self._anchor)

@@ -170,6 +170,19 @@ class Inpainting(LinearOperator):
             mask = mask.expand(-1, c, -1, -1)
         return MaskSVD(mask)
 
+    def row_space(self, image_shape: Sequence[int]) -> dict:
+        """{"kind": "select"} (see `Operator.row_space`): the observed entries of images (C, H, W),
+        the mask broadcast over channels; soft masks too (any nonzero weight is observed)."""
+        if self.mask.shape[0] != 1:
+            raise ValueError(f"this Inpainting holds {self.mask.shape[0]} per-item masks; the row space "
+                             "is per item: call item(b) first")
+        c, h, w = image_shape3(image_shape, "Inpainting.row_space")
+        if self.mask.shape[-2:] != (h, w) or self.mask.shape[1] not in (1, c):
+            raise ValueError(f"mask {tuple(self.mask.shape)} does not fit images of shape {(c, h, w)}")
+        full = self.mask[0].expand(c, h, w).reshape(-1)
+        index = torch.nonzero(full, as_tuple=True)[0]
+        return {"kind": "select", "index": index, "weight": full[index]}
+
     @staticmethod
     def box(side: int | Sequence[int] = (128, 128), margin: int = 16) -> BoxInpainting:
         """A square hole of side in the range `side` (px, inclusive) at a random place with a

@@ -124,6 +124,15 @@ class SuperResolution(LinearOperator):
     def gather_form(self, image_shape: Sequence[int]) -> tuple | None:
         return ("avgpool", self.factor) if self.mode == "avgpool" else None
 
+    def row_space(self, image_shape: Sequence[int]) -> dict | None:
+        """Average pooling: {"kind": "avgpool"} (the normalised block indicators); bicubic: from
+        the SVD view (see `Operator.row_space`)."""
+        c, h, w = image_shape3(image_shape, "SuperResolution.row_space")
+        self._check_size(h, w)
+        if self.mode == "avgpool":
+            return {"kind": "avgpool", "factor": self.factor}
+        return super().row_space((c, h, w))
+
     def svd(self, image_shape: Sequence[int] | None = None) -> SeparableSVD:
         """Kronecker view from the 1-D SVDs of the row and column maps; images (C, H, W)."""
         c, h, w = image_shape3(image_shape, "SuperResolution.svd")
