@@ -226,15 +226,20 @@ def _energies(space: RowSpace, x0hat: Tensor, y: Tensor, operator, noise, r: flo
         if kind == "l2":
             # ||e - r c a||^2 = ||e||^2 + (a^2) . (r c)^2 - 2 a . (r c e): two matrix-vector products,
             # and the part that differs between samples is not rounded against ||e||^2
-            if bool((rc == rc[0]).all()):  # one coefficient (pooling, channel means, binary masks)
+            if rc.numel() and bool((rc == rc[0]).all()):  # one coefficient (pooling, channel means, binary masks)
                 quad = torch.linalg.vector_norm(a, dim=1).square() * rc[0].square()
             else:
                 quad = torch.mv(a.square(), rc.square())
             spread = quad - 2.0 * torch.mv(a, rc * e.to(a.dtype))
             return e.double().square().sum() + spread.double() + const
         return torch.addcmul(e.to(a.dtype), a, rc, value=-1.0).abs_().sum(1).double() + const
-    states = x0hat.reshape(1, -1) + r * space.lift(a.to(x0hat.dtype))
-    return noise.energy(y.unsqueeze(0), operator(states.view(-1, *x0hat.shape))).double()
+    # a general operator may round differently for another batch size: apply it to whole blocks
+    # of STREAM_BLOCK samples, so that the energies do not depend on the chunking
+    out = []
+    for s in range(0, a.shape[0], STREAM_BLOCK):
+        states = x0hat.reshape(1, -1) + r * space.lift(a[s : s + STREAM_BLOCK].to(x0hat.dtype))
+        out.append(noise.energy(y.unsqueeze(0), operator(states.view(-1, *x0hat.shape))).double())
+    return torch.cat(out)
 
 
 def _setup(space: RowSpace, x0hat: Tensor, y: Tensor, operator, noise):

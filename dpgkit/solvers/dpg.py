@@ -59,6 +59,10 @@ class DPG(Solver):
         backend: "auto", "eager", "chunked" or "triton" for the Monte Carlo direction.
         chunk_size: samples per chunk of the chunked backend (does not change the result).
         clip: clip x0hat to [-1, 1] (published: yes).
+        estimator: "published" (the paper's Monte Carlo direction; the paper's recipes) or
+            "rao-blackwell" (the same expectation with the null-space noise integrated out, drawn in
+            the operator's row space: see `dpgkit.kernels.rao_blackwell`; operators without a row
+            space get the published one, logged once).
     """
 
     name = "dpg"
@@ -66,7 +70,7 @@ class DPG(Solver):
     def __init__(
         self, scale: float, num_samples: int = 500, sampler: str = "ddpm", steps: int | None = None,
         momentum: float = 0.0, r_min: float = 0.0, znorm: float | None = None, r: str = "heuristic",
-        backend: str = "auto", chunk_size: int = 256, clip: bool = True,
+        backend: str = "auto", chunk_size: int = 256, clip: bool = True, estimator: str = "published",
     ) -> None:
         self.scale = number("DPG", "scale", scale, low=0, low_open=True)
         # the leave-one-out baseline needs two samples
@@ -81,6 +85,7 @@ class DPG(Solver):
         self.backend = choice("DPG", "backend", backend, kernels.BACKENDS)
         self.chunk_size = number("DPG", "chunk_size", chunk_size, low=1, integer=True)
         self.clip = bool(clip)
+        self.estimator = choice("DPG", "estimator", estimator, kernels.ESTIMATORS)
 
     @property
     def label(self) -> str:
@@ -88,7 +93,8 @@ class DPG(Solver):
 
     def __repr__(self) -> str:
         return (f"DPG(scale={self.scale}, num_samples={self.num_samples}, sampler={self.sampler!r}, "
-                f"steps={self.steps}, momentum={self.momentum}, r_min={self.r_min}, r={self.r!r})")
+                f"steps={self.steps}, momentum={self.momentum}, r_min={self.r_min}, r={self.r!r}, "
+                f"estimator={self.estimator!r})")
 
     def guidance(self, state: Denoised, task: Task, y: Tensor, seeds: list[int],
                  z_prev: Tensor | None = None) -> Guidance:
@@ -108,7 +114,7 @@ class DPG(Solver):
             r = self._tweedie_width(state, seeds) if self.r == "tweedie" else noise.width(z, znorm, self.r_min)
             v_unit, log_scale = kernels.dpg_direction(
                 x0, y, operator, noise, r, z, z_raw, self.num_samples, seeds,
-                backend=self.backend, chunk_size=self.chunk_size)
+                backend=self.backend, chunk_size=self.chunk_size, estimator=self.estimator)
         (g_unit,) = torch.autograd.grad(state.x0hat, state.x_t, grad_outputs=v_unit.to(state.x0hat.dtype))
         residual = z_raw.sqrt() if noise.reward_shift_uses_z_raw else None
         return Guidance(g_unit.detach(), log_scale, x0, residual, z)
