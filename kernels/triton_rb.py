@@ -56,5 +56,8 @@ def rb_direction_fused(
         e = (yk - ak).reshape(-1).float().contiguous()
         energies = energies_fused(plan, e, rr, num_samples, seed, kind == "l1", config) + const
         w, m = direction_from_energies(energies, z, z_raw, noise.reward_shift_uses_z_raw)
-        s = weighted_noise_sum(w.float().contiguous(), space.rank, seed, config)
+        if space.rank == 0:  # nothing observed: no coordinate to draw
+            s = torch.zeros(0, device=x0hat.device, dtype=torch.float64)
+        else:
+            s = weighted_noise_sum(w.float().contiguous(), space.rank, seed, config)
         return (-space.lift(s[None])[0] / rr).view_as(x0hat).to(x0hat.dtype), m
