@@ -7,7 +7,14 @@
    5000, batch 1 and 4, with peak memory; a few launch configs of the fused kernels;
 3. the ADM ImageNet 256 preset (random weights), fp32 and bf16: one network forward + VJP, and one
    full DPG step (chunked and triton guidance);
-4. the goals: fused >= 10x faster than eager at N = 5000, fused under 10% of forward + VJP.
+4. the goals: fused >= 10x faster than eager at N = 5000, fused under 10% of forward + VJP;
+5. the Rao-Blackwellized estimator (estimator="rao-blackwell"): its fused kernels (kernels.triton_rb)
+   against its torch reference on the same noise (masks, average pooling, channel means, both
+   noise models, accurate and fast math, per-item masks through the dispatcher), its timings
+   beside the others' (rb-triton, rb-chunked) and one DPG step of the ADM preset with it.
+
+`check_rb_directions` and `goals` also run on the CPU (Triton's interpreter, tiny sizes): see
+tests/kernels/test_gpu_check_cpu.py.
 
 Writes benchmarks/results/<gpu-name>.json (and a copy under $OUT when set). Every part runs
 against a deadline (--budget seconds) and records what it skipped.
@@ -32,7 +39,7 @@ import guidance_cases as G  # noqa: E402
 
 import dpgkit as dk  # noqa: E402
 from dpgkit import kernels  # noqa: E402
-from dpgkit.kernels import reference, triton_dpg  # noqa: E402
+from dpgkit.kernels import rao_blackwell, reference, triton_dpg, triton_rb  # noqa: E402
 from dpgkit.kernels.fusion import plan_for  # noqa: E402
 from dpgkit.kernels.philox import philox_normal  # noqa: E402
 
@@ -125,6 +132,55 @@ def check_directions(budget: float, size: int = 96, num_samples: int = 1001, fas
     return results
 
 
+def check_rb_directions(budget: float, size: int = 96, num_samples: int = 1001, fast_math=(False, True),
+                        device: torch.device = DEV) -> dict:
+    """The fused Rao-Blackwellized direction against `rao_blackwell.rb_direction_eager` fed the
+    kernels' own noise (m coordinates per sample), for every diagonal row space."""
+    g = torch.Generator().manual_seed(1)
+    shape = (3, size, size)
+    ops = {
+        "sr4": dk.operators.SuperResolution(4),
+        "sr3": dk.operators.SuperResolution(3),
+        "colorization": dk.operators.Colorization(),
+        "inpainting_random": dk.operators.Inpainting((torch.rand(1, 1, size, size, generator=g) > 0.92).float()),
+        "uncrop": dk.operators.Inpainting.uncrop((size, size)),
+    }
+    results = {}
+    for name, op in ops.items():
+        for noise in (dk.noise.Gaussian(0.05), dk.noise.Poisson(1.0)):
+            for fast in fast_math:
+                need(budget, 20)
+                cfg = triton_dpg.FusedConfig(fast_math=fast) if device.type == "cuda" else triton_dpg.DEFAULT_CONFIG
+                x0hat, y, op_d, _, r, z, z_raw = G.problem(1, device, shape=shape, operator=op, noise=noise)
+                space = rao_blackwell.row_space_of(op_d, x0hat[0])
+                args = (r[0], z[0], z_raw[0], num_samples, 77)
+                v, m = triton_rb.rb_direction_fused(x0hat[0], y[0], op_d, space, noise, *args, config=cfg)
+                v2, m2 = triton_rb.rb_direction_fused(x0hat[0], y[0], op_d, space, noise, *args, config=cfg)
+
+                def stream(seed, start, n, numel, dev, cfg=cfg):
+                    return triton_dpg.philox_normal_triton(seed, start, n, numel, dev, cfg)
+
+                v_ref, m_ref = rao_blackwell.rb_direction_eager(x0hat[0], y[0], op_d, noise, *args, space=space,
+                                                                stream=stream)
+                err = float((v - v_ref).abs().max()) / float(v_ref.abs().max())
+                results[f"{name}/{type(noise).__name__}/fast_math={fast}"] = {
+                    "rank": space.rank, "max_abs_err_over_max": err, "m_abs_err": abs(float(m - m_ref)),
+                    "same_bits_twice": bool(torch.equal(v, v2) and torch.equal(m, m2)),
+                    "ok": err < 1e-3 and abs(float(m - m_ref)) < 1e-4 and bool(torch.equal(v, v2)),
+                }
+    masks = (torch.rand(2, 1, size, size, generator=g) > 0.5).float()
+    x0hat, y, op_d, noise, r, z, z_raw = G.problem(2, device, shape=shape, operator=dk.operators.Inpainting(masks))
+    v, m = kernels.dpg_direction(x0hat, y, op_d, noise, r, z, z_raw, 300, [1, 2], backend="triton",
+                                 estimator="rao-blackwell")
+    worst = 0.0
+    for b in range(2):
+        v_ref, _ = rao_blackwell.rb_direction_eager(x0hat[b], y[b], op_d.item(b), noise, r[b], z[b], z_raw[b], 300,
+                                                    [1, 2][b], stream=triton_dpg.philox_normal_triton)
+        worst = max(worst, float((v[b] - v_ref).abs().max() / v_ref.abs().max()))
+    results["dispatch_batch2_inpainting"] = {"max_abs_err_over_max": worst, "ok": worst < 1e-3}
+    return results
+
+
 def time_directions(budget: float) -> dict:
     out = {}
     for num_samples in (500, 5000):
@@ -137,6 +193,17 @@ def time_directions(budget: float) -> dict:
                     peak = G.peak_memory_mb(fn, DEV)
                     rounds = 10 if backend == "triton" else 3
                     out[key] = {**sync_time(fn, rounds), "peak_mib": round(peak, 1)}
+                except torch.cuda.OutOfMemoryError as err:
+                    out[key] = {"error": f"out of memory: {str(err)[:200]}"}
+                    torch.cuda.empty_cache()
+                print(key, out[key], flush=True)
+            for backend in ("triton", "chunked"):  # the Rao-Blackwellized estimator
+                key = f"rb-{backend}/N{num_samples}/B{batch}"
+                try:
+                    need(budget, 30)
+                    fn = G.direction_fn(backend, num_samples, batch, DEV, chunk_size=1024, estimator="rao-blackwell")
+                    peak = G.peak_memory_mb(fn, DEV)
+                    out[key] = {**sync_time(fn, 10), "peak_mib": round(peak, 1)}
                 except torch.cuda.OutOfMemoryError as err:
                     out[key] = {"error": f"out of memory: {str(err)[:200]}"}
                     torch.cuda.empty_cache()
@@ -197,19 +264,20 @@ def time_adm(budget: float) -> dict:
         torch.cuda.reset_peak_memory_stats()
         out[f"{dname}/forward_vjp"] = {**sync_time(fwd_vjp, 5), "peak_mib": torch.cuda.max_memory_allocated() / 2**20}
         print(dname, "forward+vjp", out[f"{dname}/forward_vjp"], flush=True)
-        for backend in ("triton", "chunked"):
+        for backend, estimator in (("triton", "published"), ("chunked", "published"), ("triton", "rao-blackwell")):
             for num_samples in (500, 5000):
                 need(budget, 45)
                 steps = 3
                 solver = DPG(scale=80, num_samples=num_samples, sampler="ddim", steps=steps, backend=backend,
-                             r_min=0.05)
+                             r_min=0.05, estimator=estimator)
 
                 def restore(solver=solver):
                     return solver.restore(model, task, y, seed=0, progress=False)
 
                 res = sync_time(restore, 2)
                 res["per_step_s"] = res["median_s"] / steps
-                out[f"{dname}/dpg_step/{backend}/N{num_samples}"] = res
+                prefix = "rb-" if estimator == "rao-blackwell" else ""
+                out[f"{dname}/dpg_step/{prefix}{backend}/N{num_samples}"] = res
                 print(dname, backend, num_samples, res, flush=True)
     return out
 
@@ -230,6 +298,15 @@ def goals(report: dict) -> dict:
                 ratio = f["median_s"] / fv["median_s"]
                 g[f"fused_N{n}_over_forward_vjp_{dname}"] = ratio
                 g[f"fused_N{n}_under_10pct_of_forward_vjp_{dname}"] = ratio < 0.10
+    rb, chunked = t.get("rb-triton/N5000/B1", {}), t.get("chunked/N5000/B1", {})
+    if "median_s" in rb and "median_s" in fused:
+        g["rb_fused_speedup_over_fused_N5000"] = fused["median_s"] / rb["median_s"]
+    if "median_s" in rb and "median_s" in chunked:
+        g["rb_fused_speedup_over_chunked_N5000"] = chunked["median_s"] / rb["median_s"]
+    for dname in ("float32", "bfloat16"):
+        fv = adm.get(f"{dname}/forward_vjp", {})
+        if "median_s" in fv and "median_s" in rb:
+            g[f"rb_fused_N5000_over_forward_vjp_{dname}"] = rb["median_s"] / fv["median_s"]
     return g
 
 
@@ -264,6 +341,7 @@ def main() -> int:
             p.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
     parts = [("noise", lambda: check_noise()), ("directions", lambda: check_directions(args.budget)),
+             ("rb_directions", lambda: check_rb_directions(args.budget)),
              ("timings", lambda: time_directions(args.budget)), ("adm", lambda: time_adm(args.budget)),
              ("fused_configs", lambda: time_fused_configs(args.budget))]
     for key, part in parts:
@@ -276,7 +354,7 @@ def main() -> int:
         torch.cuda.empty_cache()
         save()
         print(f"[{time.monotonic() - START:.0f}s] {key} done", flush=True)
-    ok = all(v.get("ok", True) for v in report.get("directions", {}).values())
+    ok = all(v.get("ok", True) for part in ("directions", "rb_directions") for v in report.get(part, {}).values())
     print(json.dumps({"goals": report["goals"], "directions_ok": ok, "errors": list(report["errors"]),
                       "skipped": report["skipped"]}, indent=1))
     return 0 if ok and not report["errors"] else 1

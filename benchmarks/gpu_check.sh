@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_check.sh
 # 1. makes dpgkit importable (pip install -e . --no-deps, offline) if it is not;
 # 2. runs the kernel tests compiled on the GPU (tests/kernels, at most 150 s);
-# 3. runs benchmarks/gpu_check.py (at most 300 s): checks against the reference on the GPU,
-#    times eager / chunked / fused and one DPG step of the ADM ImageNet preset (fp32, bf16),
+# 3. runs benchmarks/gpu_check.py (at most 300 s): checks against the reference on the GPU
+#    (the published and the Rao-Blackwellized estimators' fused kernels), times eager / chunked /
+#    fused / rb-fused / rb-chunked and one DPG step of the ADM ImageNet preset (fp32, bf16),
 #    writes benchmarks/results/<gpu-name>.json (and $OUT/<gpu-name>.json when OUT is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -37,7 +37,8 @@ def problem(batch: int, device: torch.device | str, shape=SHAPE, operator=None, 
     return x0hat, y, operator, noise, r, z, z_raw
 
 
-def direction_fn(backend: str, num_samples: int, batch: int, device, chunk_size: int = 256, **kw) -> Callable:
+def direction_fn(backend: str, num_samples: int, batch: int, device, chunk_size: int = 256,
+                 estimator: str = "published", **kw) -> Callable:
     """A no-argument callable computing the DPG direction once (synchronised on CUDA)."""
     x0hat, y, op, noise, r, z, z_raw = problem(batch, device, **kw)
     seeds = [1000 + b for b in range(batch)]
@@ -45,7 +46,7 @@ def direction_fn(backend: str, num_samples: int, batch: int, device, chunk_size:
 
     def run():
         out = kernels.dpg_direction(x0hat, y, op, noise, r, z, z_raw, num_samples, seeds,
-                                    backend=backend, chunk_size=chunk_size)
+                                    backend=backend, chunk_size=chunk_size, estimator=estimator)
         if cuda:
             torch.cuda.synchronize()
         return out
