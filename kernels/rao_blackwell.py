@@ -33,6 +33,7 @@ float64 rounding, and bit for bit whatever the chunk size).
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,8 @@ from .reference import (
     weighted_sum,
 )
 
-__all__ = ["RowSpace", "row_space_of", "rb_direction_eager", "rb_direction_streamed", "DIAGONAL_KINDS"]
+__all__ = ["RowSpace", "row_space_of", "rb_direction_eager", "rb_direction_streamed", "threaded_normal",
+           "DIAGONAL_KINDS"]
 
 DIAGONAL_KINDS = ("select", "avgpool", "channel_mean")
 _KINDS = (*DIAGONAL_KINDS, "identity", "basis")
@@ -105,6 +107,47 @@ class RowSpace:
         if self.kind == "channel_mean":
             return x.view(n, c, h * w).sum(1) / math.sqrt(c)
         return self.desc["vt"](x).reshape(n, self.rank)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def threaded_normal(seed: int, sample_start: int, num_samples: int, numel: int,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """`reference.torch_normal`, bit for bit, with its whole STREAM_BLOCK blocks drawn in parallel.
+
+    torch draws from a seeded CPU generator on one thread; the stream's blocks have generators of
+    their own, so threads (torch releases the GIL) may draw them at once, one per torch thread.
+    On other devices, or with one thread, it is `torch_normal` itself.
+    """
+    global _POOL
+    device = torch.device(device)
+    workers = torch.get_num_threads()
+    first = -(-sample_start // STREAM_BLOCK) * STREAM_BLOCK
+    last = (sample_start + num_samples) // STREAM_BLOCK * STREAM_BLOCK
+    if device.type != "cpu" or workers < 2 or last - first < 2 * STREAM_BLOCK:
+        return torch_normal(seed, sample_start, num_samples, numel, device)
+    if _POOL is None or _POOL._max_workers != workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpg-normal")
+    out = torch.empty(num_samples, numel, device=device)
+    if first > sample_start:  # the head of a block begun earlier
+        out[: first - sample_start] = torch_normal(seed, sample_start, first - sample_start, numel, device)
+    if last < sample_start + num_samples:  # the head of a block that goes on
+        out[last - sample_start :] = torch_normal(seed, last, sample_start + num_samples - last, numel, device)
+
+    def draw(lo: int) -> None:
+        with torch.no_grad():
+            torch_normal_into(seed, lo, out[lo - sample_start : lo - sample_start + STREAM_BLOCK])
+
+    list(_POOL.map(draw, range(first, last, STREAM_BLOCK)))
+    return out
+
+
+def torch_normal_into(seed: int, block_start: int, out: Tensor) -> None:
+    """One whole block of `torch_normal` (block_start a multiple of STREAM_BLOCK) drawn into `out`."""
+    k = block_start // STREAM_BLOCK
+    gen = torch.Generator(device=out.device).manual_seed((seed + k * 0x9E3779B97F4A7C15) % 2**63)
+    torch.randn(STREAM_BLOCK, out.shape[1], generator=gen, device=out.device, out=out)
 
 
 def _parse(desc: dict, shape: tuple[int, int, int], out_numel: int, device: torch.device) -> RowSpace:
@@ -271,7 +314,7 @@ def rb_direction_eager(
 def rb_direction_streamed(
     x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
     num_samples: int, seed: int, space: RowSpace | None = None, chunk_size: int = 1024,
-    stream: NoiseStream = torch_normal,
+    stream: NoiseStream = threaded_normal,
 ) -> tuple[Tensor, Tensor]:
     """As `rb_direction_eager` in one pass over the samples, holding chunk_size x m coordinates.
 

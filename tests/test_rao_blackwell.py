@@ -262,3 +262,14 @@ def test_dpg_runs_with_the_rao_blackwell_estimator():
     torch.testing.assert_close(out, run("rao-blackwell", "eager"), rtol=0, atol=1e-4)
     assert not torch.allclose(out, run("published"))
     assert "estimator='rao-blackwell'" in repr(DPG(scale=1.0, estimator="rao-blackwell"))
+
+
+@pytest.mark.parametrize("start,count", [(0, 300), (3, 200), (64, 128), (10, 60), (1000, 1024)])
+def test_threaded_stream_is_the_torch_stream_bit_for_bit(start, count):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        drawn = rb.threaded_normal(7, start, count, 33)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(drawn, reference.torch_normal(7, start, count, 33))
