@@ -201,7 +201,7 @@ def time_directions(budget: float) -> dict:
                 key = f"rb-{backend}/N{num_samples}/B{batch}"
                 try:
                     need(budget, 30)
-                    fn = G.direction_fn(backend, num_samples, batch, DEV, chunk_size=1024, estimator="rao-blackwell")
+                    fn = G.direction_fn(backend, num_samples, batch, DEV, chunk_size=256, estimator="rao-blackwell")
                     peak = G.peak_memory_mb(fn, DEV)
                     out[key] = {**sync_time(fn, 10), "peak_mib": round(peak, 1)}
                 except torch.cuda.OutOfMemoryError as err:

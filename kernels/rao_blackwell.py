@@ -113,23 +113,27 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def threaded_normal(seed: int, sample_start: int, num_samples: int, numel: int,
-                    device: torch.device | str = "cpu") -> Tensor:
+                    device: torch.device | str = "cpu", out: Tensor | None = None) -> Tensor:
     """`reference.torch_normal`, bit for bit, with its whole STREAM_BLOCK blocks drawn in parallel.
 
     torch draws from a seeded CPU generator on one thread; the stream's blocks have generators of
     their own, so threads (torch releases the GIL) may draw them at once, one per torch thread.
-    On other devices, or with one thread, it is `torch_normal` itself.
+    `out` (num_samples, numel) float32: written in place and returned (a buffer reused across
+    chunks is not faulted in afresh each time). On other devices, or with one thread, the blocks
+    are drawn one after another.
     """
     global _POOL
     device = torch.device(device)
+    if out is None:
+        out = torch.empty(num_samples, numel, device=device)
+    elif tuple(out.shape) != (num_samples, numel) or out.dtype != torch.float32:
+        raise ValueError(f"out must be ({num_samples}, {numel}) float32, got {tuple(out.shape)} {out.dtype}")
     workers = torch.get_num_threads()
     first = -(-sample_start // STREAM_BLOCK) * STREAM_BLOCK
     last = (sample_start + num_samples) // STREAM_BLOCK * STREAM_BLOCK
-    if device.type != "cpu" or workers < 2 or last - first < 2 * STREAM_BLOCK:
-        return torch_normal(seed, sample_start, num_samples, numel, device)
-    if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpg-normal")
-    out = torch.empty(num_samples, numel, device=device)
+    if last <= first:  # no whole block
+        out.copy_(torch_normal(seed, sample_start, num_samples, numel, device))
+        return out
     if first > sample_start:  # the head of a block begun earlier
         out[: first - sample_start] = torch_normal(seed, sample_start, first - sample_start, numel, device)
     if last < sample_start + num_samples:  # the head of a block that goes on
@@ -139,7 +143,14 @@ def threaded_normal(seed: int, sample_start: int, num_samples: int, numel: int,
         with torch.no_grad():
             torch_normal_into(seed, lo, out[lo - sample_start : lo - sample_start + STREAM_BLOCK])
 
-    list(_POOL.map(draw, range(first, last, STREAM_BLOCK)))
+    blocks = range(first, last, STREAM_BLOCK)
+    if device.type == "cpu" and workers >= 2 and len(blocks) >= 2:
+        if _POOL is None or _POOL._max_workers != workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dpg-normal")
+        list(_POOL.map(draw, blocks))
+    else:
+        for lo in blocks:
+            draw(lo)
     return out
 
 
@@ -313,7 +324,7 @@ def rb_direction_eager(
 
 def rb_direction_streamed(
     x0hat: Tensor, y: Tensor, operator, noise, r: Tensor, z: Tensor, z_raw: Tensor,
-    num_samples: int, seed: int, space: RowSpace | None = None, chunk_size: int = 1024,
+    num_samples: int, seed: int, space: RowSpace | None = None, chunk_size: int = 256,
     stream: NoiseStream = threaded_normal,
 ) -> tuple[Tensor, Tensor]:
     """As `rb_direction_eager` in one pass over the samples, holding chunk_size x m coordinates.
@@ -344,9 +355,13 @@ def rb_direction_streamed(
         centred = torch.zeros(k, **f64)  # sum (p_i - c) a_i, relative to M
         total = torch.zeros((), **f64)  # S, relative to M
         plain = torch.zeros(k, **f64)  # Q
+        buffer = torch.empty(min(chunk, num_samples), k, device=dev) if stream is threaded_normal else None
         for start in range(0, num_samples, chunk):
             n = min(chunk, num_samples - start)
-            a = stream(seed, start, n, k, dev)
+            if buffer is not None:
+                a = threaded_normal(seed, start, n, k, dev, out=buffer[:n])
+            else:
+                a = stream(seed, start, n, k, dev)
             lp = log_rewards(_energies(space, x0hat, y, operator, noise, rr, a, parts), z, shift)
             # per block of STREAM_BLOCK samples: its running maximum, then its float32 products
             # in one batched product, combined block by block in float64

@@ -273,3 +273,32 @@ def test_threaded_stream_is_the_torch_stream_bit_for_bit(start, count):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(drawn, reference.torch_normal(7, start, count, 33))
+    buffer = torch.full((count, 33), float("nan"))
+    torch.set_num_threads(1)
+    try:
+        again = rb.threaded_normal(7, start, count, 33, out=buffer)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.data_ptr() == buffer.data_ptr() and torch.equal(again, drawn)
+
+
+def test_blurs_circular_basis_is_used_and_reflected_borders_are_refused():
+    shape = (1, 32, 32)
+    circular = dk.operators.GaussianBlur(13, 2.0, padding="circular")
+    space = rb.row_space_of(circular, torch.zeros(shape))
+    # frequencies the blur damps below 1e-6 of its largest gain are left out
+    assert space.kind == "basis" and 0 < space.rank < 1024
+    noise = dk.noise.Gaussian(0.05)
+    x0hat, y, r, z, z_raw = _problem(circular, noise, shape=shape)
+
+    def projected(seed, start, n, numel, device="cpu"):
+        return space.project(reference.torch_normal(seed, start, n, space.numel, device))
+
+    args = (x0hat[0], y[0], circular, noise, r[0], z[0], z_raw[0], N, 5)
+    v, m = reference.dpg_direction_eager(*args)
+    v_rb, m_rb = rb.rb_direction_eager(*args, space=space, stream=projected)
+    expected = space.lift(space.project(v.reshape(1, -1)))[0].view_as(v)
+    torch.testing.assert_close(v_rb, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    # the SVD view of a reflect-padded blur is the circular one: not its row space
+    why = rb.row_space_of(dk.operators.GaussianBlur(13, 2.0), torch.zeros(shape))
+    assert isinstance(why, str) and "does not span the row space" in why
