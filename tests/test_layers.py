@@ -46,9 +46,10 @@ def test_only_the_lightning_package_imports_lightning():
 
 
 def test_kernels_import_only_torch_triton_and_themselves():
-    # standard library only besides torch and triton (ctypes: glibc's malloc_trim in reference.py)
-    allowed_roots = {"torch", "triton", "__future__", "collections", "ctypes", "dataclasses", "functools",
-                     "logging", "math", "os", "typing"}
+    # standard library only besides torch and triton (ctypes: glibc's malloc_trim in reference.py;
+    # concurrent: the thread pool drawing noise blocks in rao_blackwell.py)
+    allowed_roots = {"torch", "triton", "__future__", "collections", "concurrent", "ctypes", "dataclasses",
+                     "functools", "logging", "math", "os", "typing"}
     bad = offenders(files("kernels"), lambda n: n.split(".")[0] not in allowed_roots
                     and not n.startswith("dpgkit.kernels"))
     assert not bad, bad
