@@ -7,9 +7,9 @@
 
 `predict` is Lightning's CLI (LightningCLI) over `RestorationModule` and `RestorationDataModule`:
 the recipe is its config file (given positionally or with --config) and any key can be overridden
-on the command line. Lightning 2.6 ships no `lightning` command, so `dpgkit predict` is the
-spelling of `lightning run predict`. A recipe with a `runs:` mapping is several such runs sharing
-a base config (`dpgkit.lightning.runs`). Distributed runs go through Lightning's DDP: pass
+on the command line. dpgkit also installs a `lightning` command (`dpgkit.lightning.lightning_command`)
+so that `lightning run predict RECIPE` is this same command. A recipe with a `runs:` mapping is
+several such runs sharing a base config (`dpgkit.lightning.runs`). Distributed runs go through Lightning's DDP: pass
 --trainer.devices / --trainer.num_nodes, or launch under torchrun or SLURM (srun), whose
 environments Lightning detects.
 """
@@ -60,7 +60,8 @@ dpgkit's own options first, then the keys most runs change (the full list follow
   --writer.on_change {refuse,recompute}
                                   when the folder holds images made with other settings (default: refuse)
   --debug                         show the full traceback of an error (or DPGKIT_DEBUG=1)
-  --data.root DIR                 your images (a folder, searched recursively); drops the recipe's list file
+  --data.root DIR                 your images (a folder, searched recursively); the recipe's list file is kept
+                                  only when it names files in that folder (--data.files null: the whole folder)
   --data.files FILE | --data.glob PATTERN
                                   a list file (paths relative to data.root) or a glob, instead of a folder
   --data.mode {simulate,measured} simulate y from ground truth, or restore your own degraded images
