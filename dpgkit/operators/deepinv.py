@@ -74,21 +74,9 @@ class DeepinvOperator(Operator):
         return _tensor_out(self.physics.A(x), f"{type(self.physics).__name__}.A")
 
 
-class DeepinvLinearOperator(LinearOperator):
+class DeepinvLinearOperator(DeepinvOperator, LinearOperator):
     """A deepinv `LinearPhysics`: forward = physics.A, adjoint = physics.A_adjoint; a
     `DecomposablePhysics` also gives `svd(image_shape)` (a `DeepinvSVD`)."""
-
-    def __init__(self, physics: torch.nn.Module, measurement_unit: str = "real") -> None:
-        super().__init__()
-        self.physics = physics
-        self.measurement_unit = _unit(measurement_unit)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.physics).__name__})"
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_images(x, repr(self))
-        return _tensor_out(self.physics.A(x), f"{type(self.physics).__name__}.A")
 
     def adjoint(self, y: Tensor) -> Tensor:
         return _tensor_out(self.physics.A_adjoint(y), f"{type(self.physics).__name__}.A_adjoint")
