@@ -9,6 +9,9 @@ import logging
 
 import pytest
 import torch
+from kernel_cases import assert_close as _close
+from kernel_cases import kernel_noise as _kernel_noise
+from kernel_cases import problem as _problem
 
 import dpgkit as dk
 from dpgkit import kernels
@@ -43,31 +46,6 @@ def _operators(batch: int) -> dict[str, tuple[object, tuple[int, int, int]]]:
         "soft_mask": (dk.operators.Inpainting(torch.rand(1, 3, 7, 9, generator=g).clamp_min(0.3) - 0.3), SHAPE),
         "uncrop": (dk.operators.Inpainting.uncrop((7, 9), "center", 0.5), SHAPE),
     }
-
-
-def _problem(operator, noise, shape, batch: int, device, seed: int = 0):
-    """x0hat (B, C, H, W) in [-1, 1], a measurement of a nearby image, and r, Z, Z_raw as DPG's."""
-    g = torch.Generator().manual_seed(seed)
-    x0hat = (torch.rand(batch, *shape, generator=g) * 2 - 1).to(device)
-    x = (x0hat + 0.3 * torch.randn(batch, *shape, generator=g).to(device)).clamp(-1, 1)
-    op = operator.to(device)
-    y = noise.simulate(op(x), [torch.Generator().manual_seed(seed + b) for b in range(batch)])
-    z_raw = noise.energy(y, op(x0hat)).double()
-    z = 1.3 * z_raw
-    r = noise.width(z, float(x0hat[0].numel()) / 4, 0.05)
-    return x0hat, y, op, r, z, z_raw
-
-
-def _kernel_noise(seed, start, num, numel, device="cpu", config=triton_dpg.DEFAULT_CONFIG):
-    """The fused kernels' noise (as drawn under `config`), as a stream for the torch reference."""
-    return triton_dpg.philox_normal_triton(seed, start, num, numel, device, config)
-
-
-def _close(v, v_ref, m, m_ref):
-    scale = float(v_ref.abs().max())
-    assert scale > 0
-    torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(m, m_ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 2**63 + 12345, 2**64 - 1])

@@ -9,6 +9,9 @@ import logging
 
 import pytest
 import torch
+from kernel_cases import assert_close as _close
+from kernel_cases import kernel_noise as _kernel_noise
+from kernel_cases import problem as _problem
 
 import dpgkit as dk
 from dpgkit import kernels
@@ -35,29 +38,6 @@ def _operators(batch: int) -> dict[str, tuple[object, tuple[int, int, int]]]:
         "sr2": (dk.operators.SuperResolution(2, "avgpool"), (3, 8, 6)),
         "colorization": (dk.operators.Colorization(), (3, 7, 9)),
     }
-
-
-def _problem(operator, noise, shape, batch: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x0hat = (torch.rand(batch, *shape, generator=g) * 2 - 1).to(device)
-    x = (x0hat + 0.3 * torch.randn(batch, *shape, generator=g).to(device)).clamp(-1, 1)
-    op = operator.to(device)
-    y = noise.simulate(op(x), [torch.Generator().manual_seed(seed + b) for b in range(batch)])
-    z_raw = noise.energy(y, op(x0hat)).double()
-    z = 1.3 * z_raw
-    r = noise.width(z, float(x0hat[0].numel()) / 4, 0.05)
-    return x0hat, y, op, r, z, z_raw
-
-
-def _kernel_noise(seed, start, num, numel, device="cpu", config=triton_dpg.DEFAULT_CONFIG):
-    return triton_dpg.philox_normal_triton(seed, start, num, numel, device, config)
-
-
-def _close(v, v_ref, m, m_ref):
-    scale = float(v_ref.abs().max())
-    assert scale > 0
-    torch.testing.assert_close(v, v_ref, rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(m, m_ref, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("noise", NOISES, ids=["gaussian", "poisson"])
