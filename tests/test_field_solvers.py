@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_baselines import (
     SHAPE,
-    NoSVD,
     _numpy_halve,
+    assert_refuses_what_needs_an_svd_view,
     benchmark,
     gmm_prior,
     make_operator,
@@ -91,17 +91,7 @@ def test_callbacks_see_every_step_and_nonfinite_items_stop(method):
 
 @pytest.mark.parametrize("solver", [PiGDM(steps=2), DiffPIR(steps=2)], ids=["pigdm", "diffpir"])
 def test_closed_form_methods_refuse_what_they_cannot_do(solver):
-    model = gmm_prior().as_model()
-    y = torch.zeros(1, *SHAPE)
-    phase = dk.Task(dk.operators.PhaseRetrieval(oversample=2.0), dk.noise.Gaussian(0.05))
-    with pytest.raises(ValueError, match="not linear.*DPG"):
-        solver.restore(model, phase, y)
-    with pytest.raises(ValueError, match="not linear"):
-        solver.restore(model, dk.Task(BlackBox(_numpy_halve, linear=True), dk.noise.Gaussian(0.05)), y)
-    with pytest.raises(ValueError, match="SVD view.*DPG"):
-        solver.restore(model, dk.Task(NoSVD(), dk.noise.Gaussian(0.05)), y)
-    with pytest.raises(ValueError, match="Poisson"):
-        solver.restore(model, dk.Task(make_operator("sr"), dk.noise.Poisson(1.0)), y)
+    assert_refuses_what_needs_an_svd_view(solver, svd_message="SVD view.*DPG")
 
 
 def test_daps_refuses_what_it_cannot_do():
