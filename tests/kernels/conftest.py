@@ -26,6 +26,9 @@ import torch
 
 _OUTCOMES_ENV = "DPGKIT_KERNEL_TEST_OUTCOMES"
 HERE = Path(__file__).resolve().parent
+# the test modules here import their shared cases (kernel_cases.py) by name, whatever import mode
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
